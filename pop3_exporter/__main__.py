@@ -1,0 +1,3 @@
+from pop3_exporter.cli import main
+
+raise SystemExit(main())

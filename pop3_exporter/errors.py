@@ -1,0 +1,100 @@
+"""Our exception types. Every failure the target can cause maps to one FailureReason.
+
+I/O boundaries catch library exceptions (OSError, ssl.SSLError, socket.gaierror) and
+re-raise one of these `from` the original, so the prober never guesses from strings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from pop3_exporter.result import FailureReason
+
+if TYPE_CHECKING:
+    from pop3_exporter.result import TLSFacts
+
+
+class ProbeError(Exception):
+    """Base class: something the target (or the network to it) did wrong."""
+
+    reason: ClassVar[FailureReason] = FailureReason.PROTOCOL_ERROR
+
+
+class ResolveError(ProbeError):
+    reason = FailureReason.DNS_ERROR
+
+
+class ConnectError(ProbeError, ConnectionError):
+    reason = FailureReason.CONNECT_ERROR
+
+
+class ConnectRefusedError(ConnectError):
+    reason = FailureReason.CONNECT_REFUSED
+
+
+class ConnectionClosedError(ProbeError, ConnectionError):
+    """The server closed or reset the connection before the dialogue was complete."""
+
+    reason = FailureReason.CONNECTION_CLOSED
+
+
+class ProtocolError(ProbeError):
+    """Malformed or over-long reply."""
+
+    reason = FailureReason.PROTOCOL_ERROR
+
+
+class LineTooLongError(ProtocolError):
+    pass
+
+
+class GreetingError(ProbeError):
+    """The greeting was not +OK."""
+
+    reason = FailureReason.GREETING_ERROR
+
+
+class GreetingMismatchError(ProbeError):
+    """The greeting was +OK but did not match expect_greeting."""
+
+    reason = FailureReason.GREETING_MISMATCH
+
+
+class StlsUnsupportedError(ProbeError):
+    """STLS was required but not advertised, or the server refused it."""
+
+    reason = FailureReason.STLS_UNSUPPORTED
+
+
+class TLSHandshakeError(ProbeError):
+    reason = FailureReason.TLS_HANDSHAKE_ERROR
+
+    def __init__(self, message: str, facts: TLSFacts | None = None) -> None:
+        super().__init__(message)
+        self.facts = facts
+
+
+class CertificateError(TLSHandshakeError):
+    """OpenSSL rejected the presented chain; `facts` still describes what was presented."""
+
+    reason = FailureReason.TLS_CERT_UNTRUSTED
+
+
+class CertificateExpiredError(CertificateError):
+    reason = FailureReason.TLS_CERT_EXPIRED
+
+
+class CertificateUntrustedError(CertificateError):
+    reason = FailureReason.TLS_CERT_UNTRUSTED
+
+
+class HostnameMismatchError(CertificateError):
+    reason = FailureReason.TLS_HOSTNAME_MISMATCH
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names file, line and key."""
+
+
+class TargetError(ValueError):
+    """The target parameter cannot be probed as given."""

@@ -1,0 +1,311 @@
+"""The HTTP side: /probe, /metrics, /-/healthy, /-/reload and a landing page."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import math
+import ssl
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Protocol
+
+from aiohttp import web
+from prometheus_client.exposition import choose_encoder, generate_latest
+
+from pop3_exporter import __version__
+from pop3_exporter.config import Config, Module, TLSMode, default_config, load_config
+from pop3_exporter.errors import ConfigError, TargetError
+from pop3_exporter.metrics import ExporterMetrics, probe_registry
+from pop3_exporter.prober import probe_pop3
+from pop3_exporter.resolver import Resolver, SystemResolver
+from pop3_exporter.result import ProbeResult
+from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
+from pop3_exporter.tlsinfo import build_ssl_context
+
+logger = logging.getLogger("pop3_exporter")
+
+SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
+# The module a bare pop3:// or pop3s:// target implies when no module is named.
+SCHEME_MODULES: Mapping[str, str] = MappingProxyType({"pop3": "pop3", "pop3s": "pop3s"})
+
+
+class Prober(Protocol):
+    async def __call__(
+        self,
+        target: ProbeTarget,
+        module: Module,
+        deadline: float,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        record_transcript: bool,
+    ) -> ProbeResult: ...
+
+
+class Pop3Prober:
+    """The real prober with its resolver bound."""
+
+    def __init__(self, resolver: Resolver | None = None) -> None:
+        self._resolver = resolver or SystemResolver()
+
+    async def __call__(
+        self,
+        target: ProbeTarget,
+        module: Module,
+        deadline: float,
+        *,
+        ssl_context: ssl.SSLContext | None,
+        record_transcript: bool,
+    ) -> ProbeResult:
+        return await probe_pop3(
+            target,
+            module,
+            deadline,
+            resolver=self._resolver,
+            ssl_context=ssl_context,
+            record_transcript=record_transcript,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """A loaded configuration with what is built from it once (TLS contexts)."""
+
+    config: Config
+    ssl_contexts: Mapping[str, ssl.SSLContext]
+
+
+def build_runtime(config: Config) -> Runtime:
+    contexts: dict[str, ssl.SSLContext] = {}
+    by_tls_config: dict[object, ssl.SSLContext] = {}
+    for name, module in config.modules.items():
+        if not module.uses_tls:
+            continue
+        if module.tls_config not in by_tls_config:
+            try:
+                by_tls_config[module.tls_config] = build_ssl_context(module.tls_config)
+            except ConfigError as exc:
+                raise ConfigError(f"{config.source}: module {name}: {exc}") from exc
+        contexts[name] = by_tls_config[module.tls_config]
+    return Runtime(config=config, ssl_contexts=MappingProxyType(contexts))
+
+
+class ConfigHolder:
+    """The current runtime; replaced whole on a successful reload, kept on a failed one."""
+
+    def __init__(self, path: str | None, metrics: ExporterMetrics) -> None:
+        self.path = path
+        self.metrics = metrics
+        self.runtime = self._load()
+        self._mark(success=True)
+
+    def _load(self) -> Runtime:
+        config = load_config(self.path) if self.path else default_config()
+        return build_runtime(config)
+
+    def _mark(self, *, success: bool) -> None:
+        self.metrics.reload_success.set(1 if success else 0)
+        if success:
+            self.metrics.reload_timestamp.set(time.time())
+
+    def reload(self) -> str | None:
+        """Reload from disk; returns None on success, else the reason it was refused."""
+        try:
+            runtime = self._load()
+        except ConfigError as exc:
+            self._mark(success=False)
+            logger.error("config reload failed, keeping the old config: %s", exc)
+            return str(exc)
+        self.runtime = runtime
+        self._mark(success=True)
+        logger.info("config reloaded from %s", self.path or "<built-in>")
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    timeout_offset: float = 0.5
+
+
+CONFIG_KEY = web.AppKey("config", ConfigHolder)
+PROBER_KEY = web.AppKey("prober", Prober)
+METRICS_KEY = web.AppKey("metrics", ExporterMetrics)
+SETTINGS_KEY = web.AppKey("settings", Settings)
+
+
+class BadRequest(Exception):
+    """A /probe request we refuse with HTTP 400 and this one-line reason."""
+
+
+def _single(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"parameter '{name}' given more than once")
+    return values[0] if values else None
+
+
+def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) -> Module:
+    known = ", ".join(sorted(config.modules))
+    if module_name is None:
+        if spec.scheme is None:
+            raise BadRequest(
+                "parameter 'module' is required unless the target is a pop3:// or pop3s:// URL;"
+                f" known modules: {known}"
+            )
+        module_name = SCHEME_MODULES[spec.scheme]
+    module = config.modules.get(module_name)
+    if module is None:
+        raise BadRequest(f"unknown module {module_name!r}; known modules: {known}")
+    if spec.scheme == "pop3s" and module.tls is not TLSMode.IMPLICIT:
+        raise BadRequest(f"pop3s:// target needs a module with tls: implicit, not {module.name}")
+    if spec.scheme == "pop3" and module.tls is TLSMode.IMPLICIT:
+        raise BadRequest(f"pop3:// target cannot use the implicit-TLS module {module.name}")
+    return module
+
+
+def probe_timeout(module: Module, header: str | None, offset: float) -> float:
+    """min(module timeout, scrape timeout - offset); the scrape timeout alone if the
+    offset would leave nothing."""
+    if header is None:
+        return module.timeout
+    try:
+        scrape_timeout = float(header)
+    except ValueError:
+        raise BadRequest(f"header {SCRAPE_TIMEOUT_HEADER} is not a number: {header!r}") from None
+    if not math.isfinite(scrape_timeout) or scrape_timeout <= 0:
+        raise BadRequest(f"header {SCRAPE_TIMEOUT_HEADER} must be above zero")
+    budget = scrape_timeout - offset
+    if budget <= 0:
+        budget = scrape_timeout
+    return min(module.timeout, budget)
+
+
+async def handle_probe(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    runtime = app[CONFIG_KEY].runtime
+    try:
+        raw_target = _single(request, "target")
+        if raw_target is None or raw_target == "":
+            raise BadRequest("parameter 'target' is required")
+        try:
+            spec = parse_target(raw_target)
+        except TargetError as exc:
+            raise BadRequest(f"bad target: {exc}") from None
+        module = _choose_module(runtime.config, spec, _single(request, "module"))
+        debug_text = _single(request, "debug")
+        if debug_text not in (None, "true", "false"):
+            raise BadRequest("parameter 'debug' must be true or false")
+        debug = debug_text == "true"
+        timeout = probe_timeout(
+            module, request.headers.get(SCRAPE_TIMEOUT_HEADER), app[SETTINGS_KEY].timeout_offset
+        )
+    except BadRequest as exc:
+        return web.Response(status=400, text=f"{exc}\n")
+
+    target = ProbeTarget(spec.host, spec.port or module.port, spec.is_ip_literal)
+    metrics = app[METRICS_KEY]
+    deadline = asyncio.get_running_loop().time() + timeout
+    metrics.in_flight.inc()
+    try:
+        result = await app[PROBER_KEY](
+            target,
+            module,
+            deadline,
+            ssl_context=runtime.ssl_contexts.get(module.name),
+            record_transcript=debug,
+        )
+    finally:
+        metrics.in_flight.dec()
+    metrics.record_probe(module.name, result)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "probe done target=%s module=%s success=%s reason=%s duration=%.4f",
+            target,
+            module.name,
+            result.success,
+            result.failure_reason,
+            result.duration_seconds,
+        )
+    registry = probe_registry(result, module.tls)
+    if debug:
+        from pop3_exporter.debug import debug_report
+
+        text = debug_report(result, module, generate_latest(registry).decode())
+        return web.Response(text=text, content_type="text/plain")
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+
+
+async def handle_metrics(request: web.Request) -> web.StreamResponse:
+    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+    body = encoder(request.app[METRICS_KEY].registry)
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def handle_healthy(request: web.Request) -> web.StreamResponse:
+    return web.Response(text="Healthy\n")
+
+
+async def handle_reload(request: web.Request) -> web.StreamResponse:
+    problem = request.app[CONFIG_KEY].reload()
+    if problem is not None:
+        return web.Response(status=500, text=f"failed to reload config: {problem}\n")
+    return web.Response(text="config reloaded\n")
+
+
+async def handle_index(request: web.Request) -> web.StreamResponse:
+    config = request.app[CONFIG_KEY].runtime.config
+    rows = "\n".join(
+        f"<tr><td>{html.escape(name)}</td><td>{module.tls}</td><td>{module.port}</td>"
+        f"<td>{module.timeout:g}s</td></tr>"
+        for name, module in sorted(config.modules.items())
+    )
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>POP3 Exporter</title></head>
+<body>
+<h1>POP3 Exporter {html.escape(__version__)}</h1>
+<form action="probe" method="get">
+<label>Target: <input type="text" name="target" placeholder="pop.example.com:995"></label>
+<label>Module: <select name="module">{
+        "".join(
+            f'<option value="{html.escape(n)}">{html.escape(n)}</option>'
+            for n in sorted(config.modules)
+        )
+    }</select></label>
+<label>Debug: <input type="checkbox" name="debug" value="true"></label>
+<input type="submit" value="Probe">
+</form>
+<ul>
+<li><a href="metrics">Metrics</a> (the exporter's own)</li>
+<li><a href="-/healthy">Health</a></li>
+</ul>
+<h2>Modules (from {html.escape(config.source)})</h2>
+<table><tr><th>name</th><th>tls</th><th>port</th><th>timeout</th></tr>
+{rows}
+</table>
+</body></html>
+"""
+    return web.Response(text=page, content_type="text/html")
+
+
+def create_app(
+    holder: ConfigHolder,
+    *,
+    prober: Prober | None = None,
+    settings: Settings | None = None,
+) -> web.Application:
+    """Application factory; everything it needs is passed in (no module globals)."""
+    app = web.Application()
+    app[CONFIG_KEY] = holder
+    app[METRICS_KEY] = holder.metrics
+    app[PROBER_KEY] = prober or Pop3Prober()
+    app[SETTINGS_KEY] = settings or Settings()
+    app.router.add_get("/", handle_index)
+    app.router.add_get("/probe", handle_probe)
+    app.router.add_get("/metrics", handle_metrics)
+    app.router.add_get("/-/healthy", handle_healthy)
+    app.router.add_post("/-/reload", handle_reload)
+    return app

@@ -1,0 +1,246 @@
+"""Turning a ProbeResult into metric families (pure, synchronous, no I/O), and the
+exporter's own metrics."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pop3_exporter import __version__
+from pop3_exporter.config import TLSMode
+from pop3_exporter.result import FailureReason, Phase, ProbeResult
+
+MAX_LABEL_LENGTH = 256
+MAX_SHORT_LABEL_LENGTH = 64
+
+
+def sanitize_label(value: str, max_length: int = MAX_LABEL_LENGTH) -> str:
+    """Server-supplied text made safe for a label: printable only, length-capped."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in value)
+    if len(cleaned) > max_length:
+        cleaned = cleaned[: max_length - 3] + "..."
+    return cleaned
+
+
+class ProbeCollector(Collector):
+    """Exposes one ProbeResult. A fresh instance (and registry) serves each /probe request.
+
+    Sample exposition of a successful pop3s probe (abridged):
+
+        probe_success 1.0
+        probe_duration_seconds 0.0125
+        probe_pop3_greeting_seconds 0.0094
+        probe_pop3_duration_seconds{phase="tls"} 0.0081
+        probe_pop3_failure{reason="connect_refused"} 0.0
+        probe_pop3_capability{capability="UIDL"} 1.0
+        probe_tls_valid 1.0
+        probe_ssl_earliest_cert_expiry 1.7999e+09
+        probe_tls_version_info{version="TLS 1.3"} 1.0
+    """
+
+    def __init__(self, result: ProbeResult, tls_mode: TLSMode) -> None:
+        self._result = result
+        self._tls_mode = tls_mode
+
+    def collect(self) -> Iterator[Metric]:
+        result = self._result
+        yield _gauge("probe_success", "Whether the probe succeeded.", float(result.success))
+        yield _gauge(
+            "probe_duration_seconds",
+            "How long the probe took to complete in seconds.",
+            result.duration_seconds,
+        )
+        yield _gauge(
+            "probe_timeout_seconds",
+            "The deadline this probe ran under in seconds.",
+            result.timeout_seconds,
+        )
+        yield _gauge(
+            "probe_dns_lookup_time_seconds",
+            "Returns the time taken for probe dns lookup in seconds.",
+            result.dns_lookup_seconds or 0.0,
+        )
+        yield _gauge(
+            "probe_ip_protocol",
+            "Specifies whether probe ip protocol is IP4 or IP6 (0 before resolution).",
+            float(result.ip_protocol or 0),
+        )
+        if result.greeting_seconds is not None:
+            yield _gauge(
+                "probe_pop3_greeting_seconds",
+                "From the start of the TCP connect to the complete greeting line.",
+                result.greeting_seconds,
+            )
+        yield _gauge(
+            "probe_pop3_greeting_match",
+            "1 if the greeting is +OK and matches expect_greeting.",
+            float(result.greeting_match),
+        )
+        phases = GaugeMetricFamily(
+            "probe_pop3_duration_seconds",
+            "Duration of each probe phase reached, in seconds.",
+            labels=["phase"],
+        )
+        for phase, seconds in result.phase_durations:
+            phases.add_metric([phase.value], seconds)
+        yield phases
+        failure = GaugeMetricFamily(
+            "probe_pop3_failure",
+            "1 for the reason the probe failed; all 0 on success.",
+            labels=["reason"],
+        )
+        for reason in FailureReason:
+            failure.add_metric([reason.value], float(reason is result.failure_reason))
+        yield failure
+        capability = GaugeMetricFamily(
+            "probe_pop3_capability",
+            "1 for each capability the server advertised (after STLS where used).",
+            labels=["capability"],
+        )
+        for name in result.capabilities:
+            capability.add_metric([sanitize_label(name, MAX_SHORT_LABEL_LENGTH)], 1.0)
+        yield capability
+        if self._tls_mode is not TLSMode.IMPLICIT and result.plaintext_auth_exposed is not None:
+            yield _gauge(
+                "probe_pop3_plaintext_auth_exposed",
+                "1 if, before TLS, the server offered USER or SASL PLAIN/LOGIN.",
+                float(result.plaintext_auth_exposed),
+            )
+        yield from self._tls_metrics()
+
+    def _tls_metrics(self) -> Iterator[Metric]:
+        result = self._result
+        tls = result.tls
+        attempted = any(phase is Phase.TLS for phase, _ in result.phase_durations)
+        if not attempted:
+            return
+        if tls is None or tls.verification_enabled:
+            yield _gauge(
+                "probe_tls_valid",
+                "1 if the chain verified, the name matched and all certificates are in date.",
+                float(tls is not None and tls.verified),
+            )
+        if tls is None:
+            return
+        earliest = tls.earliest_presented_expiry
+        if earliest is not None:
+            yield _gauge(
+                "probe_ssl_earliest_cert_expiry",
+                "Earliest NotAfter (unix time) among the certificates the server presented.",
+                earliest,
+            )
+        verified_expiry = tls.earliest_verified_expiry
+        if verified_expiry is not None:
+            yield _gauge(
+                "probe_ssl_last_chain_expiry_timestamp_seconds",
+                "Earliest NotAfter (unix time) of the verified chain.",
+                verified_expiry,
+            )
+        if tls.version is not None:
+            yield _info_gauge(
+                "probe_tls_version_info", "The TLS version used.", "version", tls.version
+            )
+        if tls.cipher is not None:
+            yield _info_gauge(
+                "probe_tls_cipher_info", "The TLS cipher suite used.", "cipher", tls.cipher
+            )
+        if tls.presented_chain:
+            leaf = tls.presented_chain[0]
+            chain_info = GaugeMetricFamily(
+                "probe_ssl_last_chain_info",
+                "Information about the leaf certificate the server presented.",
+                labels=[
+                    "fingerprint_sha256",
+                    "subject",
+                    "issuer",
+                    "subjectalternative",
+                    "serialnumber",
+                ],
+            )
+            chain_info.add_metric(
+                [
+                    leaf.fingerprint_sha256,
+                    sanitize_label(leaf.subject),
+                    sanitize_label(leaf.issuer),
+                    sanitize_label(",".join(leaf.subject_alternative_names)),
+                    leaf.serial_number,
+                ],
+                1.0,
+            )
+            yield chain_info
+
+
+def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, documentation, value=value)
+
+
+def _info_gauge(name: str, documentation: str, label: str, value: str) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(name, documentation, labels=[label])
+    family.add_metric([sanitize_label(value, MAX_SHORT_LABEL_LENGTH)], 1.0)
+    return family
+
+
+def probe_registry(result: ProbeResult, tls_mode: TLSMode) -> CollectorRegistry:
+    """A fresh registry holding only this probe's result."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ProbeCollector(result, tls_mode))
+    return registry
+
+
+class ExporterMetrics:
+    """The exporter's own metrics, in a registry owned by one application."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        build_info = Gauge(
+            "pop3_exporter_build_info",
+            "A metric with a constant '1' value labeled by version and python_version.",
+            ["version", "python_version"],
+            registry=self.registry,
+        )
+        build_info.labels(__version__, platform.python_version()).set(1)
+        self.probes = Counter(
+            "pop3_exporter_probes",
+            "Probes run, by module and result (success or failure).",
+            ["module", "result"],
+            registry=self.registry,
+        )
+        self.probe_duration = Histogram(
+            "pop3_exporter_probe_duration_seconds",
+            "Duration of probes by module.",
+            ["module"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "pop3_exporter_probes_in_flight",
+            "Probes currently running.",
+            registry=self.registry,
+        )
+        self.reload_success = Gauge(
+            "pop3_exporter_config_last_reload_successful",
+            "Whether the last configuration reload attempt was successful.",
+            registry=self.registry,
+        )
+        self.reload_timestamp = Gauge(
+            "pop3_exporter_config_last_reload_success_timestamp_seconds",
+            "Timestamp of the last successful configuration reload.",
+            registry=self.registry,
+        )
+
+    def record_probe(self, module: str, result: ProbeResult) -> None:
+        self.probes.labels(module, "success" if result.success else "failure").inc()
+        self.probe_duration.labels(module).observe(result.duration_seconds)

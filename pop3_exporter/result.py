@@ -1,0 +1,111 @@
+"""The immutable outcome of one probe: what happened, when, and why it failed."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Phase(enum.StrEnum):
+    """Steps of a probe, in the order they run."""
+
+    RESOLVE = "resolve"
+    CONNECT = "connect"
+    TLS = "tls"
+    GREETING = "greeting"
+    CAPA = "capa"
+    STLS = "stls"
+    QUIT = "quit"
+
+
+class FailureReason(enum.StrEnum):
+    """The fixed set of reasons a probe can fail; each is always exported."""
+
+    DNS_ERROR = "dns_error"
+    CONNECT_REFUSED = "connect_refused"
+    CONNECT_TIMEOUT = "connect_timeout"
+    CONNECT_ERROR = "connect_error"
+    CONNECTION_CLOSED = "connection_closed"
+    GREETING_TIMEOUT = "greeting_timeout"
+    GREETING_ERROR = "greeting_error"
+    GREETING_MISMATCH = "greeting_mismatch"
+    STLS_UNSUPPORTED = "stls_unsupported"
+    TLS_HANDSHAKE_ERROR = "tls_handshake_error"
+    TLS_CERT_EXPIRED = "tls_cert_expired"
+    TLS_CERT_UNTRUSTED = "tls_cert_untrusted"
+    TLS_HOSTNAME_MISMATCH = "tls_hostname_mismatch"
+    PROTOCOL_ERROR = "protocol_error"
+    TIMEOUT = "timeout"
+
+
+@dataclass(frozen=True, slots=True)
+class CertFacts:
+    """What one presented certificate says about itself."""
+
+    subject: str
+    issuer: str
+    serial_number: str  # lower-case hex, as blackbox_exporter prints it
+    fingerprint_sha256: str  # lower-case hex of the DER encoding
+    subject_alternative_names: tuple[str, ...]
+    not_before: float  # unix seconds
+    not_after: float  # unix seconds
+
+
+@dataclass(frozen=True, slots=True)
+class TLSFacts:
+    """What the TLS handshake showed, including when verification failed."""
+
+    verification_enabled: bool
+    verified: bool
+    # OpenSSL's verify result when the chain was rejected (e.g. "certificate has expired").
+    verify_error: str | None
+    version: str | None  # "TLS 1.3"
+    cipher: str | None
+    # Every certificate the server sent, leaf first; empty if the handshake died before.
+    presented_chain: tuple[CertFacts, ...]
+    # The chain OpenSSL built to a trust anchor; empty unless verified.
+    verified_chain: tuple[CertFacts, ...]
+
+    @property
+    def earliest_presented_expiry(self) -> float | None:
+        return min((cert.not_after for cert in self.presented_chain), default=None)
+
+    @property
+    def earliest_verified_expiry(self) -> float | None:
+        return min((cert.not_after for cert in self.verified_chain), default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptLine:
+    """One line of the dialogue; `direction` is "C" (we sent), "S" (server) or "*" (event)."""
+
+    offset_seconds: float
+    direction: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeResult:
+    """Everything the probe learned. Built once at the end of a probe, never mutated."""
+
+    target: str
+    module_name: str
+    timeout_seconds: float
+    duration_seconds: float
+    success: bool
+    failure_reason: FailureReason | None
+    failure_detail: str | None
+    # The phase that was running when the probe ended (failed or timed out).
+    failed_phase: Phase | None
+    phase_durations: tuple[tuple[Phase, float], ...]
+    dns_lookup_seconds: float | None
+    ip_protocol: int | None  # 4 or 6
+    address: str | None
+    greeting: str | None
+    greeting_seconds: float | None
+    greeting_match: bool
+    capabilities: tuple[str, ...]
+    # None when the module cannot know (implicit TLS never talks in the clear).
+    plaintext_auth_exposed: bool | None
+    tls: TLSFacts | None
+    transcript: tuple[TranscriptLine, ...] = field(default=())

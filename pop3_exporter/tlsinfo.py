@@ -1,0 +1,161 @@
+"""TLS client contexts and facts about the certificates a server presented."""
+
+from __future__ import annotations
+
+import hashlib
+import ssl
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from pop3_exporter.config import TLS_VERSIONS, TLSConfig
+from pop3_exporter.errors import (
+    CertificateError,
+    CertificateExpiredError,
+    CertificateUntrustedError,
+    ConfigError,
+    HostnameMismatchError,
+)
+from pop3_exporter.result import CertFacts
+
+# OpenSSL X509_V_ERR_* codes that decide the failure reason; every other
+# verification error means the chain does not lead to a trusted root.
+_EXPIRY_CODES = frozenset({9, 10})  # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
+_HOSTNAME_CODES = frozenset({62, 63, 64})  # HOSTNAME, EMAIL, IP_ADDRESS mismatch
+
+_TLS_VERSION_LABELS = {
+    "TLSv1": "TLS 1.0",
+    "TLSv1.1": "TLS 1.1",
+    "TLSv1.2": "TLS 1.2",
+    "TLSv1.3": "TLS 1.3",
+}
+
+
+def build_ssl_context(tls_config: TLSConfig) -> ssl.SSLContext:
+    """Build the client context for a module once; reused by every probe of it.
+
+    Raises ConfigError when a file named in tls_config cannot be loaded, so that
+    `--config.check` and reloads catch it instead of every probe failing later.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = TLS_VERSIONS[tls_config.min_version]
+    if tls_config.max_version is not None:
+        context.maximum_version = TLS_VERSIONS[tls_config.max_version]
+    if tls_config.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    try:
+        if tls_config.ca_file is not None:
+            context.load_verify_locations(cafile=tls_config.ca_file)
+        else:
+            context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+        if tls_config.cert_file is not None and tls_config.key_file is not None:
+            context.load_cert_chain(tls_config.cert_file, tls_config.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"tls_config: cannot load certificates: {exc}") from exc
+    return context
+
+
+def tls_version_label(version: str | None) -> str | None:
+    if version is None:
+        return None
+    return _TLS_VERSION_LABELS.get(version, version)
+
+
+def presented_chain_der(tls: ssl.SSLObject) -> list[bytes]:
+    """The certificates the server sent, leaf first, as DER; also after failed verification.
+
+    Python 3.13 made `SSLObject.get_unverified_chain()` public. On 3.10-3.12 the same
+    C method exists on the private `_sslobj` (it is what 3.13 exposes). Using it is safe
+    here because: it is a read-only accessor of OpenSSL's peer chain (SSL_get_peer_cert_chain);
+    we feature-detect it and fall back to the public leaf-only `getpeercert()`; and the
+    result is only reported, never trusted: the trust decision is OpenSSL's, made during
+    the handshake. With OpenSSL 3 the peer chain is kept when verification fails, which is
+    what lets us report the expiry of an expired or untrusted certificate.
+    """
+    public = getattr(tls, "get_unverified_chain", None)
+    if public is not None:
+        return [bytes(cert) for cert in public() or ()]
+    inner: Any = getattr(tls, "_sslobj", None)
+    private = getattr(inner, "get_unverified_chain", None)
+    if private is not None:
+        return [_certificate_der(cert) for cert in private() or ()]
+    try:
+        leaf = tls.getpeercert(binary_form=True)
+    except ValueError:
+        return []
+    return [leaf] if leaf else []
+
+
+def verified_chain_der(tls: ssl.SSLObject) -> list[bytes]:
+    """The chain OpenSSL verified (leaf to trust anchor), as DER; see presented_chain_der."""
+    public = getattr(tls, "get_verified_chain", None)
+    if public is not None:
+        return [bytes(cert) for cert in public() or ()]
+    inner: Any = getattr(tls, "_sslobj", None)
+    private = getattr(inner, "get_verified_chain", None)
+    if private is not None:
+        return [_certificate_der(cert) for cert in private() or ()]
+    return []
+
+
+def _certificate_der(cert: Any) -> bytes:
+    if isinstance(cert, bytes):
+        return cert
+    der = cert.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+    return bytes(der)
+
+
+def cert_facts(chain: Iterable[bytes]) -> tuple[CertFacts, ...]:
+    """Parse DER certificates; one that cannot be parsed is skipped, not fatal."""
+    facts: list[CertFacts] = []
+    for der in chain:
+        try:
+            cert = x509.load_der_x509_certificate(der)
+        except ValueError:
+            continue
+        facts.append(_describe(cert, der))
+    return tuple(facts)
+
+
+def _describe(cert: x509.Certificate, der: bytes) -> CertFacts:
+    try:
+        san_ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        sans = tuple(
+            [f"DNS:{name}" for name in san_ext.value.get_values_for_type(x509.DNSName)]
+            + [f"IP:{ip}" for ip in san_ext.value.get_values_for_type(x509.IPAddress)]
+        )
+    except (x509.ExtensionNotFound, ValueError):
+        sans = ()
+    return CertFacts(
+        subject=_rfc4514(cert.subject),
+        issuer=_rfc4514(cert.issuer),
+        serial_number=format(cert.serial_number, "x"),
+        fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+        subject_alternative_names=sans,
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+    )
+
+
+def _rfc4514(name: x509.Name) -> str:
+    try:
+        return name.rfc4514_string()
+    except ValueError:
+        return name.public_bytes(serialization.Encoding.DER).hex()
+
+
+def verification_error(exc: ssl.SSLCertVerificationError) -> type[CertificateError]:
+    """Map OpenSSL's verify code to our error type."""
+    code = exc.verify_code
+    if code in _EXPIRY_CODES:
+        return CertificateExpiredError
+    if code in _HOSTNAME_CODES:
+        return HostnameMismatchError
+    return CertificateUntrustedError
+
+
+def join_names(names: Sequence[str]) -> str:
+    return ",".join(names)
