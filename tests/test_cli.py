@@ -176,3 +176,54 @@ def test_console_script_and_version() -> None:
     completed = run_cli("--version")
     assert completed.returncode == 0
     assert completed.stdout.startswith("pop3_exporter ")
+
+
+def test_log_level_debug_and_timeout_offset(tmp_path: Path) -> None:
+    """--log.level debug logs each probe; --timeout-offset shortens the deadline."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pop3_exporter",
+            "--web.listen-address",
+            f"127.0.0.1:{port}",
+            "--log.level",
+            "debug",
+            "--timeout-offset",
+            "1.5",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                get(url + "/-/healthy")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "exporter did not start"
+                time.sleep(0.05)
+        closed = free_port()  # nothing listens there: refused at once
+        request = urllib.request.Request(
+            f"{url}/probe?target=127.0.0.1:{closed}&module=pop3",
+            headers={"X-Prometheus-Scrape-Timeout-Seconds": "4"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            samples = parse_samples(response.read().decode())
+        assert value(samples, "probe_timeout_seconds") == pytest.approx(2.5, abs=0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        stderr = process.stderr.read() if process.stderr else ""
+        assert "level=debug" in stderr
+        assert f"probe done target=127.0.0.1:{closed} module=pop3 success=False" in stderr
+        assert "reason=connect_refused" in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
