@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import socket
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pop3_exporter.config import IPProtocol, Module, TLSMode
 from pop3_exporter.errors import (
@@ -30,6 +30,12 @@ from pop3_exporter.tlsinfo import build_ssl_context
 # at most this long (and never past the deadline) and do not fail the probe for it.
 QUIT_GRACE_SECONDS = 1.0
 _PLAINTEXT_SASL_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
+
+# Called with (address, port) right before connecting; it raises to stop the probe.
+# Whatever it raises (policy.TargetRefusedError) must not be a ProbeError: it leaves
+# probe_pop3 as an exception instead of becoming a failed probe, because refusing a
+# target is the exporter's decision, not something the target did.
+AddressCheck = Callable[[str, int], None]
 
 _TIMEOUT_REASONS = {
     Phase.RESOLVE: FailureReason.DNS_ERROR,
@@ -66,6 +72,8 @@ class _Recorder:
         self.capabilities: tuple[str, ...] = ()
         self.plaintext_auth_exposed: bool | None = None
         self.tls: TLSFacts | None = None
+        # A failure found before the polite QUIT (see _quit): reported whatever QUIT does.
+        self.failed_before_quit: tuple[Phase | None, ProbeError] | None = None
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -92,6 +100,7 @@ async def probe_pop3(
     resolver: Resolver | None = None,
     ssl_context: ssl.SSLContext | None = None,
     record_transcript: bool = False,
+    address_check: AddressCheck | None = None,
 ) -> ProbeResult:
     """Probe one POP3 server. `deadline` is an absolute time on the running loop's clock.
 
@@ -110,11 +119,22 @@ async def probe_pop3(
     try:
         async with asyncio.timeout_at(deadline):
             await _dialogue(
-                recorder, target, module, resolver or SystemResolver(), ssl_context, connection
+                recorder,
+                target,
+                module,
+                resolver or SystemResolver(),
+                ssl_context,
+                connection,
+                address_check,
             )
     except TimeoutError:
         failed_phase = recorder.phase
-        if failed_phase is Phase.QUIT:
+        if recorder.failed_before_quit is not None:
+            # The deadline can fire at the end of a QUIT that came after a failure.
+            failed_phase, error = recorder.failed_before_quit
+            failure = error.reason
+            detail = str(error)
+        elif failed_phase is Phase.QUIT:
             # Only QUIT was left (see _quit): the server did all the module requires.
             failed_phase = None
             recorder.note("*", "deadline reached while waiting for the QUIT reply")
@@ -123,6 +143,8 @@ async def probe_pop3(
             detail = f"deadline reached during {failed_phase or 'setup'}"
     except ProbeError as exc:
         failed_phase = recorder.phase
+        if recorder.failed_before_quit is not None:
+            failed_phase = recorder.failed_before_quit[0]
         failure = exc.reason
         detail = str(exc)
         if isinstance(exc, TLSHandshakeError) and exc.facts is not None:
@@ -164,6 +186,7 @@ async def _dialogue(
     resolver: Resolver,
     ssl_context: ssl.SSLContext | None,
     connection: list[Pop3Connection],
+    address_check: AddressCheck | None = None,
 ) -> None:
     loop = recorder.loop
     recorder.begin(Phase.RESOLVE)
@@ -171,6 +194,8 @@ async def _dialogue(
     recorder.ip_protocol = 6 if family == socket.AF_INET6 else 4
     recorder.address = address
     recorder.note("*", f"resolved {target.host} to {address}")
+    if address_check is not None:
+        address_check(address, target.port)
 
     recorder.begin(Phase.CONNECT)
     connect_start = recorder.phase_start
@@ -196,8 +221,11 @@ async def _dialogue(
     if not greeting.startswith("+OK"):
         raise GreetingError(f"greeting is not +OK: {printable(greeting[:80])!r}")
     if not module.expect_greeting.search(greeting):
-        await _quit(recorder, conn)
-        raise GreetingMismatchError(f"greeting does not match {module.expect_greeting.pattern!r}")
+        mismatch = GreetingMismatchError(
+            f"greeting does not match {module.expect_greeting.pattern!r}"
+        )
+        await _quit(recorder, conn, mismatch)
+        raise mismatch
     recorder.greeting_match = True
 
     capabilities: list[str] | None = None
@@ -213,12 +241,14 @@ async def _dialogue(
         assert ssl_context is not None
         recorder.begin(Phase.STLS)
         if capabilities is not None and "STLS" not in recorder.capabilities:
-            await _quit(recorder, conn)
-            raise StlsUnsupportedError("server does not advertise STLS")
+            unsupported = StlsUnsupportedError("server does not advertise STLS")
+            await _quit(recorder, conn, unsupported)
+            raise unsupported
         reply = await conn.command("STLS")
         if not reply.ok:
-            await _quit(recorder, conn)
-            raise StlsUnsupportedError(f"server refused STLS: {printable(reply.text[:80])!r}")
+            refused = StlsUnsupportedError(f"server refused STLS: {printable(reply.text[:80])!r}")
+            await _quit(recorder, conn, refused)
+            raise refused
         recorder.begin(Phase.TLS)
         recorder.tls = await conn.start_tls(ssl_context, server_name)
         if module.query_capabilities:
@@ -280,8 +310,16 @@ def _exposes_plaintext_auth(lines: Sequence[str]) -> bool:
     return False
 
 
-async def _quit(recorder: _Recorder, conn: Pop3Connection) -> None:
-    """Say goodbye politely; failures here never fail the probe."""
+async def _quit(
+    recorder: _Recorder, conn: Pop3Connection, failure: ProbeError | None = None
+) -> None:
+    """Say goodbye politely; failures here never fail the probe.
+
+    `failure` is what the caller raises next; it is recorded first, with its phase,
+    so that a deadline firing during QUIT cannot turn it into a success.
+    """
+    if failure is not None:
+        recorder.failed_before_quit = (recorder.phase, failure)
     recorder.begin(Phase.QUIT)
     # Stop a little before the probe deadline so that a silent QUIT ends here, not there.
     budget = min(QUIT_GRACE_SECONDS, recorder.deadline - recorder.loop.time() - 0.01)

@@ -10,6 +10,7 @@ from pop3_exporter.errors import TargetError
 
 MAX_TARGET_LENGTH = 300
 SCHEMES = ("pop3", "pop3s")
+_SCOPE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _HOSTNAME_LABEL = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
 
 
@@ -96,6 +97,11 @@ def _parse_port(text: str) -> int:
 
 
 def _is_ipv6(text: str) -> bool:
+    # A scope id ("fe80::1%eth0") is an interface name; anything else in it (such as
+    # "]") could not be written back in brackets.
+    _, percent, scope = text.partition("%")
+    if percent and not _SCOPE_ID.match(scope):
+        return False
     try:
         ipaddress.IPv6Address(text)
     except ValueError:
