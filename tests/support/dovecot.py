@@ -304,12 +304,13 @@ service auth {{
 
     # ---- lifecycle ----
 
-    def start(self, timeout: float = 15.0) -> None:
+    def start(self, timeout: float = 15.0, *, reuse_ports: bool = False) -> None:
         """Start Dovecot; return once both ports greet ``+OK`` on every listen address.
 
         Raises :class:`DovecotError` (with the log tail) if Dovecot exits or is
         not ready within ``timeout``; a port lost to another process between
-        choosing and binding it is retried with new ports.
+        choosing and binding it is retried with new ports. With ``reuse_ports``
+        a restarted server listens where it did before (clients keep their target).
         """
         if self.running:
             raise RuntimeError("Dovecot is already running")
@@ -320,7 +321,8 @@ service auth {{
         deadline = began + timeout
         self._prepare()
         for attempt in range(1, START_ATTEMPTS + 1):
-            self.pop3_port, self.pop3s_port = _pick_ports(self.listen)
+            if not (reuse_ports and self.pop3_port and attempt == 1):
+                self.pop3_port, self.pop3s_port = _pick_ports(self.listen)
             self.config_path.write_text(self._config_text())
             self.config_path.chmod(0o644)
             log_offset = self._log_size()
