@@ -6,7 +6,9 @@ import argparse
 import asyncio
 import json
 import logging
+import resource
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Sequence
@@ -14,13 +16,18 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from pop3_exporter import __version__
-from pop3_exporter.config import load_config
+from pop3_exporter.config import load_config, parse_duration
 from pop3_exporter.errors import ConfigError
-from pop3_exporter.http import ConfigHolder, Settings, build_runtime, create_app
+from pop3_exporter.http import GATE_KEY, ConfigHolder, Settings, build_runtime, create_app
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.webconfig import BasicAuth, build_server_ssl_context, load_web_config
 
 DEFAULT_LISTEN_ADDRESS = ":10110"
-SHUTDOWN_GRACE_SECONDS = 10.0
+# Longer than the default module timeout (10 s), so that a probe started just before
+# SIGTERM can still finish; shorter than Kubernetes' default 30 s before SIGKILL.
+SHUTDOWN_GRACE_SECONDS = 15.0
+# Descriptors besides those of probes: listener, logging, a few idle connections.
+_SPARE_FILE_DESCRIPTORS = 64
 
 logger = logging.getLogger("pop3_exporter")
 
@@ -61,6 +68,21 @@ def parse_listen_address(text: str) -> tuple[str | None, int]:
     return (host or None), int(port_text)
 
 
+def duration_flag(text: str) -> float:
+    """A flag value in seconds: a Prometheus duration ("15s", "1m") or a plain number."""
+    try:
+        seconds = float(text) if text.replace(".", "", 1).isdigit() else parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return seconds
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 0")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pop3_exporter", description="Prometheus exporter that probes POP3 servers."
@@ -89,6 +111,29 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="Seconds subtracted from Prometheus's scrape timeout to get the probe deadline.",
+    )
+    parser.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default=None,
+        help="exporter-toolkit web config (tls_server_config, basic_auth_users) for TLS"
+        " and basic auth on every endpoint.",
+    )
+    parser.add_argument(
+        "--web.max-concurrent-probes",
+        dest="max_concurrent_probes",
+        type=non_negative_int,
+        default=Settings().max_concurrent_probes,
+        help="Probes allowed in flight at once; more get HTTP 503 with Retry-After at once"
+        f" (0: no limit; default {Settings().max_concurrent_probes}).",
+    )
+    parser.add_argument(
+        "--web.shutdown-grace",
+        dest="shutdown_grace",
+        type=duration_flag,
+        default=SHUTDOWN_GRACE_SECONDS,
+        help="On SIGTERM/SIGINT, how long probes in flight may run on before they are"
+        f" cancelled (default {SHUTDOWN_GRACE_SECONDS:g}s).",
     )
     parser.add_argument(
         "--config.check",
@@ -124,16 +169,36 @@ def check_config(path: str | None) -> int:
     return 0
 
 
-async def serve(holder: ConfigHolder, listen_address: str, settings: Settings) -> None:
+async def serve(
+    holder: ConfigHolder,
+    listen_address: str,
+    settings: Settings,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    auth: BasicAuth | None = None,
+    shutdown_grace: float = SHUTDOWN_GRACE_SECONDS,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully: the listener closes at
+    once, probes in flight get ``shutdown_grace`` seconds to finish (new probes on
+    kept-alive connections get 503), the rest are cancelled."""
     host, port = parse_listen_address(listen_address)
-    app = create_app(holder, settings=settings)
+    app = create_app(holder, settings=settings, auth=auth)
     runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        # aiohttp treats 0 as "wait forever"; a grace of 0 means "do not wait".
+        shutdown_timeout=max(shutdown_grace, 0.001),
     )
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
-    logger.info("listening on %s (version %s)", listen_address, __version__)
+    logger.info(
+        "listening on %s (%s, version %s)",
+        listen_address,
+        "https" if ssl_context is not None else "http",
+        __version__,
+    )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGHUP, holder.reload)
@@ -141,16 +206,50 @@ async def serve(holder: ConfigHolder, listen_address: str, settings: Settings) -
     loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await stop.wait()
-        logger.info("shutting down")
+        logger.info(
+            "shutting down: %d probes in flight get up to %gs to finish",
+            app[GATE_KEY].active,
+            shutdown_grace,
+        )
     finally:
         await runner.cleanup()
+    logger.info("shut down")
+
+
+def check_web_config(path: str) -> int:
+    try:
+        web_config = load_web_config(path)
+        if web_config.tls_server_config is not None:
+            build_server_ssl_context(web_config.tls_server_config, web_config.source)
+    except ConfigError as exc:
+        print(f"invalid web configuration: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path}: valid web configuration")
+    return 0
+
+
+def warn_about_file_limit(max_concurrent_probes: int) -> None:
+    """Each probe in flight holds two descriptors; running out of them fails accept()
+    and connect() for everyone, which the probe cap is there to prevent."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = 2 * max_concurrent_probes + _SPARE_FILE_DESCRIPTORS
+    if max_concurrent_probes and soft != resource.RLIM_INFINITY and needed > soft:
+        logger.warning(
+            "open file limit %d is low for --web.max-concurrent-probes=%d"
+            " (each probe needs 2 descriptors); raise it (ulimit -n) or lower the cap",
+            soft,
+            max_concurrent_probes,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if args.config_check:
-        return check_config(args.config_file)
+        status = check_config(args.config_file)
+        if status == 0 and args.web_config_file is not None:
+            status = check_web_config(args.web_config_file)
+        return status
     try:
         parse_listen_address(args.listen_address)
     except ValueError as exc:
@@ -162,9 +261,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         logger.error("cannot load configuration: %s", exc)
         return 1
+    ssl_context: ssl.SSLContext | None = None
+    auth: BasicAuth | None = None
+    if args.web_config_file is not None:
+        try:
+            web_config = load_web_config(args.web_config_file)
+            if web_config.tls_server_config is not None:
+                ssl_context = build_server_ssl_context(
+                    web_config.tls_server_config, web_config.source
+                )
+        except ConfigError as exc:
+            logger.error("cannot load web configuration: %s", exc)
+            return 1
+        if web_config.basic_auth_users:
+            auth = BasicAuth(web_config.basic_auth_users)
+            if ssl_context is None:
+                logger.warning("basic auth without TLS: passwords cross the network in clear")
+    settings = Settings(
+        timeout_offset=args.timeout_offset, max_concurrent_probes=args.max_concurrent_probes
+    )
+    warn_about_file_limit(settings.max_concurrent_probes)
     try:
         asyncio.run(
-            serve(holder, args.listen_address, Settings(timeout_offset=args.timeout_offset))
+            serve(
+                holder,
+                args.listen_address,
+                settings,
+                ssl_context=ssl_context,
+                auth=auth,
+                shutdown_grace=args.shutdown_grace,
+            )
         )
     except OSError as exc:
         logger.error("cannot serve: %s", exc)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import yaml
 
 from pop3_exporter.errors import ConfigError
+from pop3_exporter.policy import Policy, parse_policy
 
 
 class TLSMode(enum.StrEnum):
@@ -85,6 +86,8 @@ class Module:
 class Config:
     modules: Mapping[str, Module]
     source: str = "<built-in>"
+    # Which targets /probe may reach (policy.py); the default allows every target.
+    policy: Policy = field(default_factory=Policy)
 
 
 def builtin_modules() -> dict[str, Module]:
@@ -283,16 +286,17 @@ def parse_config(text: str, filename: str = "<string>") -> Config:
     modules = builtin_modules()
     if root is None:
         return Config(modules=MappingProxyType(modules), source=filename)
-    top = source.mapping(root, "top level", {"modules"})
+    top = source.mapping(root, "top level", {"modules", "policy"})
+    policy = parse_policy(source, top["policy"][1]) if "policy" in top else Policy()
     if "modules" in top:
         _, modules_node = top["modules"]
         for name, (key_node, module_node) in source.mapping(modules_node, "modules", set()).items():
-            if not MODULE_NAME_PATTERN.match(name):
+            if not MODULE_NAME_PATTERN.fullmatch(name):
                 raise source.error(
                     key_node, f"module name '{name}' must match {MODULE_NAME_PATTERN.pattern}"
                 )
             modules[name] = _parse_module(source, name, module_node)
-    return Config(modules=MappingProxyType(modules), source=filename)
+    return Config(modules=MappingProxyType(modules), source=filename, policy=policy)
 
 
 def load_config(path: str | Path) -> Config:

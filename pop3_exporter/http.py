@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import html
 import logging
 import math
+import re
 import ssl
 import time
 from collections.abc import Mapping
@@ -17,14 +19,23 @@ from aiohttp import web
 from prometheus_client.exposition import choose_encoder, generate_latest
 
 from pop3_exporter import __version__
-from pop3_exporter.config import Config, Module, TLSMode, default_config, load_config
+from pop3_exporter.config import (
+    MODULE_NAME_PATTERN,
+    Config,
+    Module,
+    TLSMode,
+    default_config,
+    load_config,
+)
 from pop3_exporter.errors import ConfigError, TargetError
-from pop3_exporter.metrics import ExporterMetrics, probe_registry
-from pop3_exporter.prober import probe_pop3
+from pop3_exporter.metrics import ExporterMetrics, probe_registry, render_probe
+from pop3_exporter.policy import TargetRefusedError
+from pop3_exporter.prober import AddressCheck, probe_pop3
 from pop3_exporter.resolver import Resolver, SystemResolver
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
 from pop3_exporter.tlsinfo import build_ssl_context
+from pop3_exporter.webconfig import BasicAuth
 
 logger = logging.getLogger("pop3_exporter")
 
@@ -34,6 +45,10 @@ SCHEME_MODULES: Mapping[str, str] = MappingProxyType({"pop3": "pop3", "pop3s": "
 
 
 class Prober(Protocol):
+    """What /probe calls. ``address_check`` is passed only when the target policy has
+    address (cidr) rules; it must be called with the address right before connecting,
+    and what it raises (TargetRefusedError) must propagate."""
+
     async def __call__(
         self,
         target: ProbeTarget,
@@ -42,6 +57,7 @@ class Prober(Protocol):
         *,
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
+        address_check: AddressCheck | None = None,
     ) -> ProbeResult: ...
 
 
@@ -59,6 +75,7 @@ class Pop3Prober:
         *,
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
+        address_check: AddressCheck | None = None,
     ) -> ProbeResult:
         return await probe_pop3(
             target,
@@ -67,6 +84,7 @@ class Pop3Prober:
             resolver=self._resolver,
             ssl_context=ssl_context,
             record_transcript=record_transcript,
+            address_check=address_check,
         )
 
 
@@ -128,12 +146,52 @@ class ConfigHolder:
 @dataclass(frozen=True, slots=True)
 class Settings:
     timeout_offset: float = 0.5
+    # Probes allowed in flight at once (0: no limit). Each probe holds two file
+    # descriptors (the request's connection and the POP3 socket), so 500 stays well
+    # under the usual soft limit of 1024 descriptors, yet allows 50 new probes per
+    # second against targets that all run into a 10 s timeout.
+    max_concurrent_probes: int = 500
+
+
+class ProbeGate:
+    """Admission to /probe: a cap on probes in flight, closed while shutting down.
+
+    Excess requests are answered at once (503) instead of queued: a queued probe would
+    start only after Prometheus had given up on the scrape, and the queue would grow
+    for as long as the overload lasts.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.closing = False
+
+    def try_enter(self) -> str | None:
+        """None if the probe may run (then call leave()); else the rejection reason."""
+        if self.closing:
+            return "shutting_down"
+        if self.limit and self.active >= self.limit:
+            return "concurrency_limit"
+        self.active += 1
+        return None
+
+    def leave(self) -> None:
+        self.active -= 1
 
 
 CONFIG_KEY = web.AppKey("config", ConfigHolder)
 PROBER_KEY = web.AppKey("prober", Prober)
 METRICS_KEY = web.AppKey("metrics", ExporterMetrics)
 SETTINGS_KEY = web.AppKey("settings", Settings)
+GATE_KEY = web.AppKey("gate", ProbeGate)
+
+# The /probe parameters; any other parameter is refused (see handle_probe).
+PROBE_PARAMETERS = frozenset({"target", "module", "debug"})
+# Prometheus sends the scrape timeout as a plain decimal ("10", "9.5"); nothing else
+# (exponents, "nan", "1_0", which float() would take) is accepted.
+_SCRAPE_TIMEOUT_FORMAT = re.compile(r"[0-9]{1,6}(\.[0-9]{1,9})?")
+# Retry-After for 503s: probing again within the same scrape would not help anyway.
+RETRY_AFTER_SECONDS = 1
 
 
 class BadRequest(Exception):
@@ -145,6 +203,23 @@ def _single(request: web.Request, name: str) -> str | None:
     if len(values) > 1:
         raise BadRequest(f"parameter '{name}' given more than once")
     return values[0] if values else None
+
+
+def _check_parameter_names(request: web.Request) -> None:
+    for name in request.query:
+        if name not in PROBE_PARAMETERS:
+            known = ", ".join(sorted(PROBE_PARAMETERS))
+            # repr() and a cap: the name is attacker-chosen and goes back in the reply.
+            shown = repr(name[:64]) + ("..." if len(name) > 64 else "")
+            raise BadRequest(f"unknown parameter {shown}; known parameters: {known}")
+
+
+def _module_name(request: web.Request) -> str | None:
+    name = _single(request, "module")
+    if name is not None and not MODULE_NAME_PATTERN.fullmatch(name):
+        # Checked before the name is echoed in 'unknown module' messages.
+        raise BadRequest("parameter 'module' must be 1-64 characters from A-Z a-z 0-9 _ . -")
+    return name
 
 
 def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) -> Module:
@@ -171,6 +246,8 @@ def probe_timeout(module: Module, header: str | None, offset: float) -> float:
     offset would leave nothing."""
     if header is None:
         return module.timeout
+    if not _SCRAPE_TIMEOUT_FORMAT.fullmatch(header):
+        raise BadRequest(f"header {SCRAPE_TIMEOUT_HEADER} is not a number: {header[:32]!r}")
     try:
         scrape_timeout = float(header)
     except ValueError:
@@ -184,9 +261,25 @@ def probe_timeout(module: Module, header: str | None, offset: float) -> float:
 
 
 async def handle_probe(request: web.Request) -> web.StreamResponse:
+    """GET /probe?target=T[&module=M][&debug=true|false].
+
+    Request rules (each broken one is HTTP 400 with a one-line reason):
+    - only the parameters target, module and debug exist; any other parameter is
+      refused rather than ignored, so that a misspelt one (``modul=pop3s``) cannot
+      silently change what is probed;
+    - each parameter at most once;
+    - target: at most 300 characters, printable, no whitespace, control characters
+      (CR, LF, NUL) or non-ASCII host names, port 1-65535 (see target.parse_target);
+    - module: 1-64 characters from A-Z a-z 0-9 _ . - and a configured module;
+    - debug: exactly "true" or "false";
+    - header X-Prometheus-Scrape-Timeout-Seconds: a plain decimal above zero.
+    Then: a target the policy refuses is HTTP 403 (before or after name resolution),
+    and a probe over the in-flight cap, or during shutdown, is HTTP 503.
+    """
     app = request.app
     runtime = app[CONFIG_KEY].runtime
     try:
+        _check_parameter_names(request)
         raw_target = _single(request, "target")
         if raw_target is None or raw_target == "":
             raise BadRequest("parameter 'target' is required")
@@ -194,7 +287,7 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             spec = parse_target(raw_target)
         except TargetError as exc:
             raise BadRequest(f"bad target: {exc}") from None
-        module = _choose_module(runtime.config, spec, _single(request, "module"))
+        module = _choose_module(runtime.config, spec, _module_name(request))
         debug_text = _single(request, "debug")
         if debug_text not in (None, "true", "false"):
             raise BadRequest("parameter 'debug' must be true or false")
@@ -207,6 +300,29 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
 
     target = ProbeTarget(spec.host, spec.port or module.port, spec.is_ip_literal)
     metrics = app[METRICS_KEY]
+    policy = runtime.config.policy
+    try:
+        policy.check_target(target.host, target.port, is_ip_literal=target.is_ip_literal)
+    except TargetRefusedError as exc:
+        return _refused(metrics, target, exc)
+    extra: dict[str, AddressCheck] = {}
+    if policy.uses_addresses:
+        # Only address rules can change the decision once the name is resolved; without
+        # them probers need not know about policies at all.
+        host = None if target.is_ip_literal else target.host
+        extra["address_check"] = functools.partial(policy.check_address, host)
+
+    gate = app[GATE_KEY]
+    rejection = gate.try_enter()
+    if rejection is not None:
+        metrics.probes_rejected.labels(rejection).inc()
+        if rejection == "shutting_down":
+            return web.Response(status=503, text="exporter is shutting down\n")
+        return web.Response(
+            status=503,
+            text=f"too many probes in flight (limit {gate.limit}); try again later\n",
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+        )
     deadline = asyncio.get_running_loop().time() + timeout
     metrics.in_flight.inc()
     try:
@@ -216,9 +332,13 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             deadline,
             ssl_context=runtime.ssl_contexts.get(module.name),
             record_transcript=debug,
+            **extra,
         )
+    except TargetRefusedError as exc:
+        return _refused(metrics, target, exc)
     finally:
         metrics.in_flight.dec()
+        gate.leave()
     metrics.record_probe(module.name, result)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
@@ -229,14 +349,24 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             result.failure_reason,
             result.duration_seconds,
         )
-    registry = probe_registry(result, module.tls)
     if debug:
         from pop3_exporter.debug import debug_report
 
+        registry = probe_registry(result, module.tls)
         text = debug_report(result, module, generate_latest(registry).decode())
         return web.Response(text=text, content_type="text/plain")
-    encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
-    return web.Response(body=encoder(registry), headers={"Content-Type": content_type})
+    # The same bytes as choose_encoder()'s encoder of probe_registry(), made cheaply.
+    body, content_type = render_probe(result, module.tls, request.headers.get("Accept", ""))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _refused(
+    metrics: ExporterMetrics, target: ProbeTarget, exc: TargetRefusedError
+) -> web.Response:
+    metrics.probes_refused.labels(exc.reason.value).inc()
+    # Debug, not info: whoever can reach /probe could otherwise flood the log.
+    logger.debug("probe refused target=%s reason=%s: %s", target, exc.reason, exc)
+    return web.Response(status=403, text=f"target refused by policy: {exc}\n")
 
 
 async def handle_metrics(request: web.Request) -> web.StreamResponse:
@@ -296,13 +426,34 @@ def create_app(
     *,
     prober: Prober | None = None,
     settings: Settings | None = None,
+    auth: BasicAuth | None = None,
 ) -> web.Application:
-    """Application factory; everything it needs is passed in (no module globals)."""
-    app = web.Application()
+    """Application factory; everything it needs is passed in (no module globals).
+
+    With ``auth`` every route (and every unknown path) needs basic auth; the app
+    closes it on cleanup.
+    """
+    app = web.Application(middlewares=[auth.middleware()] if auth is not None else [])
     app[CONFIG_KEY] = holder
     app[METRICS_KEY] = holder.metrics
     app[PROBER_KEY] = prober or Pop3Prober()
     app[SETTINGS_KEY] = settings or Settings()
+    gate = ProbeGate(app[SETTINGS_KEY].max_concurrent_probes)
+    app[GATE_KEY] = gate
+
+    async def close_gate(app: web.Application) -> None:
+        # on_shutdown runs once the listener is closed and before aiohttp waits for
+        # running handlers: probes in flight finish, new ones on kept-alive
+        # connections are turned away.
+        gate.closing = True
+
+    app.on_shutdown.append(close_gate)
+    if auth is not None:
+
+        async def close_auth(app: web.Application) -> None:
+            auth.close()
+
+        app.on_cleanup.append(close_auth)
     app.router.add_get("/", handle_index)
     app.router.add_get("/probe", handle_probe)
     app.router.add_get("/metrics", handle_metrics)

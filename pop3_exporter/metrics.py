@@ -3,8 +3,11 @@ exporter's own metrics."""
 
 from __future__ import annotations
 
+import functools
+import math
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import cast
 
 from prometheus_client import (
     CollectorRegistry,
@@ -15,22 +18,72 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from pop3_exporter import __version__
 from pop3_exporter.config import TLSMode
+from pop3_exporter.policy import RefusalReason
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
 
 MAX_LABEL_LENGTH = 256
 MAX_SHORT_LABEL_LENGTH = 64
+# Enum .value is a descriptor call; these are read for every probe.
+_FAILURE_REASONS = tuple((reason, reason.value) for reason in FailureReason)
+_PHASE_VALUES = {phase: phase.value for phase in Phase}
 
 
 def sanitize_label(value: str, max_length: int = MAX_LABEL_LENGTH) -> str:
     """Server-supplied text made safe for a label: printable only, length-capped."""
-    cleaned = "".join(ch if ch.isprintable() else "?" for ch in value)
+    if value.isprintable():
+        cleaned = value  # the usual case, without a pass over every character
+    else:
+        cleaned = "".join(ch if ch.isprintable() else "?" for ch in value)
     if len(cleaned) > max_length:
         cleaned = cleaned[: max_length - 3] + "..."
     return cleaned
+
+
+class ProbeFamily:
+    """One gauge family of a probe result, without prometheus_client's per-object cost.
+
+    It has GaugeMetricFamily's constructor and add_metric(); to_metric() makes the real
+    GaugeMetricFamily (for registries and the debug page), and _render() writes the
+    same bytes as prometheus_client's encoders would, for /probe.
+    """
+
+    __slots__ = ("documentation", "labels", "name", "samples")
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        value: float | None = None,
+        labels: Sequence[str] | None = None,
+    ) -> None:
+        if value is not None and labels:
+            raise ValueError("Can only specify at most one of value and labels.")
+        self.name = name
+        self.documentation = documentation
+        self.labels = tuple(labels or ())
+        self.samples: list[tuple[tuple[str, ...], float]] = []
+        if value is not None:
+            self.samples.append(((), value))
+
+    def add_metric(self, labels: Sequence[str], value: float) -> None:
+        self.samples.append((tuple(labels), value))
+
+    def to_metric(self) -> GaugeMetricFamily:
+        if not self.labels:
+            if not self.samples:
+                return GaugeMetricFamily(self.name, self.documentation)
+            return GaugeMetricFamily(self.name, self.documentation, value=self.samples[0][1])
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labels)
+        for labels, value in self.samples:
+            family.add_metric(labels, value)
+        return family
 
 
 class ProbeCollector(Collector):
@@ -54,6 +107,11 @@ class ProbeCollector(Collector):
         self._tls_mode = tls_mode
 
     def collect(self) -> Iterator[Metric]:
+        for family in self.families():
+            yield family.to_metric()
+
+    def families(self) -> Iterator[ProbeFamily]:
+        """The families as light objects; collect() and render_probe() both use them."""
         result = self._result
         yield _gauge("probe_success", "Whether the probe succeeded.", float(result.success))
         yield _gauge(
@@ -87,23 +145,23 @@ class ProbeCollector(Collector):
             "1 if the greeting is +OK and matches expect_greeting.",
             float(result.greeting_match),
         )
-        phases = GaugeMetricFamily(
+        phases = ProbeFamily(
             "probe_pop3_duration_seconds",
             "Duration of each probe phase reached, in seconds.",
             labels=["phase"],
         )
         for phase, seconds in result.phase_durations:
-            phases.add_metric([phase.value], seconds)
+            phases.add_metric([_PHASE_VALUES[phase]], seconds)
         yield phases
-        failure = GaugeMetricFamily(
+        failure = ProbeFamily(
             "probe_pop3_failure",
             "1 for the reason the probe failed; all 0 on success.",
             labels=["reason"],
         )
-        for reason in FailureReason:
-            failure.add_metric([reason.value], float(reason is result.failure_reason))
+        for reason, reason_value in _FAILURE_REASONS:
+            failure.add_metric([reason_value], float(reason is result.failure_reason))
         yield failure
-        capability = GaugeMetricFamily(
+        capability = ProbeFamily(
             "probe_pop3_capability",
             "1 for each capability the server advertised (after STLS where used).",
             labels=["capability"],
@@ -119,7 +177,7 @@ class ProbeCollector(Collector):
             )
         yield from self._tls_metrics()
 
-    def _tls_metrics(self) -> Iterator[Metric]:
+    def _tls_metrics(self) -> Iterator[ProbeFamily]:
         result = self._result
         tls = result.tls
         attempted = any(phase is Phase.TLS for phase, _ in result.phase_durations)
@@ -157,7 +215,7 @@ class ProbeCollector(Collector):
             )
         if tls.presented_chain:
             leaf = tls.presented_chain[0]
-            chain_info = GaugeMetricFamily(
+            chain_info = ProbeFamily(
                 "probe_ssl_last_chain_info",
                 "Information about the leaf certificate the server presented.",
                 labels=[
@@ -181,14 +239,100 @@ class ProbeCollector(Collector):
             yield chain_info
 
 
-def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, documentation, value=value)
+def _gauge(name: str, documentation: str, value: float) -> ProbeFamily:
+    return ProbeFamily(name, documentation, value=value)
 
 
-def _info_gauge(name: str, documentation: str, label: str, value: str) -> GaugeMetricFamily:
-    family = GaugeMetricFamily(name, documentation, labels=[label])
+def _info_gauge(name: str, documentation: str, label: str, value: str) -> ProbeFamily:
+    family = ProbeFamily(name, documentation, labels=[label])
     family.add_metric([sanitize_label(value, MAX_SHORT_LABEL_LENGTH)], 1.0)
     return family
+
+
+def _escape_label_value(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _value_text(value: float) -> str:
+    """floatToGoString(value), with the two values most samples have made cheap."""
+    if value == 1.0:
+        return "1.0"
+    if value == 0.0 and math.copysign(1.0, value) > 0:
+        return "0.0"
+    return _go_float(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _family_header(name: str, documentation: str, open_metrics: bool) -> str:
+    help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
+    if open_metrics:
+        help_text = help_text.replace('"', r"\"")
+    return f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"
+
+
+def _render(families: Iterator[ProbeFamily], open_metrics: bool) -> bytes:
+    """The exposition of gauge families, byte for byte as prometheus_client writes it
+    (generate_latest, or OpenMetrics' with the underscores or allow-utf-8 escaping),
+    for legacy-valid metric and label names; see render_probe."""
+    output: list[str] = []
+    append = output.append
+    for family in families:
+        name = family.name
+        append(_family_header(name, family.documentation, open_metrics))
+        label_names = family.labels
+        if not label_names:
+            for _, value in family.samples:
+                append(f"{name} {_value_text(value)}\n")
+        elif len(label_names) == 1:
+            prefix = f'{name}{{{label_names[0]}="'
+            for labels, value in family.samples:
+                append(f'{prefix}{_escape_label_value(labels[0])}"}} {_value_text(value)}\n')
+        else:
+            # Both encoders write labels sorted by name.
+            order = sorted(range(len(label_names)), key=label_names.__getitem__)
+            for labels, value in family.samples:
+                label_text = ",".join(
+                    f'{label_names[i]}="{_escape_label_value(labels[i])}"' for i in order
+                )
+                append(f"{name}{{{label_text}}} {_value_text(value)}\n")
+    if open_metrics:
+        append("# EOF\n")
+    return "".join(output).encode("utf-8")
+
+
+_FAST_ESCAPINGS = frozenset({openmetrics_exposition.UNDERSCORES, openmetrics_exposition.ALLOWUTF8})
+_go_float = cast(Callable[[float], str], floatToGoString)
+
+
+@functools.lru_cache(maxsize=64)
+def _choose_encoder(accept_header: str) -> tuple[Callable[..., bytes], str, bool | None]:
+    """choose_encoder(), plus whether _render can stand in for the encoder: False for
+    the text format, True for OpenMetrics, None when only the real encoder will do."""
+    encoder, content_type = choose_encoder(accept_header)
+    fast: bool | None = None
+    if encoder is generate_latest:
+        fast = False
+    elif (
+        isinstance(encoder, functools.partial)
+        and not encoder.args
+        and set(encoder.keywords) <= {"escaping", "version"}
+        and encoder.keywords.get("escaping", openmetrics_exposition.UNDERSCORES) in _FAST_ESCAPINGS
+    ):
+        if encoder.func is generate_latest:
+            fast = False
+        elif encoder.func is openmetrics_exposition.generate_latest:
+            fast = True
+    return encoder, content_type, fast
+
+
+def render_probe(result: ProbeResult, tls_mode: TLSMode, accept_header: str) -> tuple[bytes, str]:
+    """(body, content type) of a /probe reply: what the encoder choose_encoder() picks
+    for `accept_header` makes of probe_registry(result, tls_mode), without building the
+    registry and metric objects (they cost more than the rest of a plain probe)."""
+    encoder, content_type, open_metrics = _choose_encoder(accept_header)
+    if open_metrics is None:
+        return encoder(probe_registry(result, tls_mode)), content_type
+    return _render(ProbeCollector(result, tls_mode).families(), open_metrics), content_type
 
 
 def probe_registry(result: ProbeResult, tls_mode: TLSMode) -> CollectorRegistry:
@@ -230,6 +374,24 @@ class ExporterMetrics:
             "Probes currently running.",
             registry=self.registry,
         )
+        self.probes_refused = Counter(
+            "pop3_exporter_probes_refused",
+            "Probe requests refused by the target policy (HTTP 403), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.probes_rejected = Counter(
+            "pop3_exporter_probes_rejected",
+            "Probe requests turned away unprobed (HTTP 503): too many probes in flight,"
+            " or shutting down.",
+            ["reason"],
+            registry=self.registry,
+        )
+        # Exported at 0 from the start, so that alerts on rate() see every series.
+        for refusal in RefusalReason:
+            self.probes_refused.labels(refusal.value)
+        for reason in ("concurrency_limit", "shutting_down"):
+            self.probes_rejected.labels(reason)
         self.reload_success = Gauge(
             "pop3_exporter_config_last_reload_successful",
             "Whether the last configuration reload attempt was successful.",

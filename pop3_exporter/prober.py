@@ -216,7 +216,10 @@ async def _dialogue(
 
     recorder.begin(Phase.GREETING)
     greeting = decode_line(await conn.read_line())
-    recorder.greeting_seconds = loop.time() - connect_start
+    # When the greeting arrived (by the kernel's clock where there is one), not when this
+    # task got to run again: a busy exporter must not report its own queueing.
+    latency = conn.line_latency()
+    recorder.greeting_seconds = latency if latency is not None else loop.time() - connect_start
     recorder.greeting = greeting
     if not greeting.startswith("+OK"):
         raise GreetingError(f"greeting is not +OK: {printable(greeting[:80])!r}")

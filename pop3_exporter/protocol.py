@@ -3,6 +3,11 @@
 TLS runs over ssl.SSLObject and memory BIOs on the raw stream instead of asyncio's
 TLS transport, because we need the SSL object after a failed handshake (to report the
 certificates presented) and full control of the plaintext buffer around STLS.
+
+Connections we open ourselves read the socket directly (_SocketStream) rather than
+through asyncio's transport and StreamReader: fewer layers per probe, and on Linux the
+kernel's receive timestamp of each read, so that the greeting latency we report is
+when the greeting arrived, not when a busy event loop got round to it.
 """
 
 from __future__ import annotations
@@ -10,8 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import platform
 import socket
 import ssl
+import struct
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,6 +55,21 @@ _READ_CHUNK = 65536
 CERT_FACTS_CACHE_SIZE = 2048
 CERT_FACTS_CACHE_MAX_CHAIN_BYTES = 8192
 
+# SO_TIMESTAMPNS: the kernel stamps each received segment (CLOCK_REALTIME) and recvmsg
+# returns the stamp of the last one read. Python's socket module does not name it; 35
+# is its value in the generic Linux ABI, which these architectures use.
+_SO_TIMESTAMPNS = 35
+_TIMESTAMP_ARCHITECTURES = frozenset(
+    {"x86_64", "amd64", "aarch64", "arm64", "i386", "i686", "armv7l", "riscv64", "s390x"}
+)
+KERNEL_TIMESTAMPS = (
+    sys.platform == "linux" and platform.machine().lower() in _TIMESTAMP_ARCHITECTURES
+)
+_TIMESPEC = struct.Struct("@ll")
+_ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
+# A kernel time later than the loop's by more than this means the wall clock stepped.
+_CLOCK_TOLERANCE = 0.001
+
 TranscriptSink = Callable[[str, str], None]
 
 
@@ -60,19 +84,162 @@ def decode_line(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+class _SocketStream:
+    """A connected non-blocking socket, read by one reader callback on the loop.
+
+    It stands in for both StreamReader and StreamWriter (read, write, drain, close,
+    wait_closed). It reads as soon as the loop sees the socket readable, keeps at most
+    _READ_CHUNK bytes unread (then stops reading until they are taken), and notes when
+    the last data arrived: by the loop's clock, and by the kernel's where available.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, *, timestamps: bool
+    ) -> None:
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._timestamps = timestamps
+        self._buffer = bytearray()
+        self._pending = bytearray()  # written but not yet accepted by the kernel
+        self._eof = False
+        self._error: OSError | None = None
+        self._write_error: OSError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._reading = False
+        self._closed = False
+        self.arrival = 0.0  # loop.time() when the last data was read
+        self.arrival_wall: float | None = None  # the kernel's time.time() for it
+        self._start_reading()
+
+    def _start_reading(self) -> None:
+        if not (self._reading or self._eof or self._closed) and self._error is None:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        ancillary: list[tuple[int, int, bytes]] = []
+        try:
+            if self._timestamps:
+                data, ancillary, _, _ = self._sock.recvmsg(_READ_CHUNK, _ANCILLARY_SIZE)
+            else:
+                data = self._sock.recv(_READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # includes ConnectionResetError
+            self._error = exc
+            self._stop_reading()
+        else:
+            self.arrival = self._loop.time()
+            self.arrival_wall = _kernel_time(ancillary)
+            if data:
+                self._buffer += data
+                if len(self._buffer) >= _READ_CHUNK:
+                    self._stop_reading()
+            else:
+                self._eof = True
+                self._stop_reading()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to n bytes (all there are if n < 0); b"" once the peer has closed."""
+        while not self._buffer:
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                return b""
+            if self._closed:
+                raise ConnectionAbortedError("connection closed")
+            self._start_reading()
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if 0 <= n < len(self._buffer):
+            data = bytes(self._buffer[:n])
+            del self._buffer[:n]
+        else:
+            data = bytes(self._buffer)
+            self._buffer.clear()
+        self._start_reading()
+        return data
+
+    def write(self, data: bytes) -> None:
+        if self._closed or self._write_error is not None:
+            return
+        if self._pending:
+            self._pending += data
+            return
+        try:
+            sent = self._sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._write_error = exc
+            return
+        if sent < len(data):
+            self._pending += data[sent:]
+
+    async def drain(self) -> None:
+        if self._write_error is not None:
+            raise self._write_error
+        if self._closed:
+            raise ConnectionAbortedError("connection closed")
+        if self._pending:
+            data = bytes(self._pending)
+            self._pending.clear()
+            await self._loop.sock_sendall(self._sock, data)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_reading()
+        # A send cut short by a timeout may have left a writer registered.
+        self._loop.remove_writer(self._fd)
+        self._sock.close()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
+            seconds, nanoseconds = _TIMESPEC.unpack_from(data)
+            return float(seconds + nanoseconds * 1e-9)
+    return None
+
+
 class Pop3Connection:
     """One TCP connection speaking POP3; owns the socket until close()."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        reader: asyncio.StreamReader | _SocketStream,
+        writer: asyncio.StreamWriter | _SocketStream,
         *,
         transcript: TranscriptSink | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
     ) -> None:
         self._reader = reader
         self._writer = writer
+        # Set by connect(): (loop.time(), time.time()) just before the TCP connect, and
+        # the same pair for the arrival of the data that ended the last line read.
+        self._started: tuple[float, float] | None = None
+        self._arrival: tuple[float, float | None] | None = None
+        self._line_arrival: tuple[float, float | None] | None = None
         self._buffer = bytearray()
         self._tls: ssl.SSLObject | None = None
         self._incoming = ssl.MemoryBIO()
@@ -90,16 +257,37 @@ class Pop3Connection:
         transcript: TranscriptSink | None = None,
     ) -> Pop3Connection:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
-        local_addr = (source_address, 0) if source_address else None
+        loop = asyncio.get_running_loop()
         try:
-            reader, writer = await asyncio.open_connection(
-                address, port, family=family, local_addr=local_addr
-            )
-        except ConnectionRefusedError as exc:
-            raise ConnectRefusedError(f"connection refused by {address} port {port}") from exc
+            sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as exc:
             raise ConnectError(f"connecting to {address} port {port}: {exc}") from exc
-        return cls(reader, writer, transcript=transcript)
+        try:
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            timestamps = KERNEL_TIMESTAMPS
+            if timestamps:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+                except OSError:
+                    timestamps = False
+            if source_address:
+                sock.bind((source_address, 0))
+            started = (loop.time(), time.time())
+            await loop.sock_connect(sock, (address, port))
+        except ConnectionRefusedError as exc:
+            sock.close()
+            raise ConnectRefusedError(f"connection refused by {address} port {port}") from exc
+        except OSError as exc:
+            sock.close()
+            raise ConnectError(f"connecting to {address} port {port}: {exc}") from exc
+        except BaseException:  # cancelled, or the probe deadline
+            sock.close()
+            raise
+        stream = _SocketStream(loop, sock, timestamps=timestamps)
+        connection = cls(stream, stream, transcript=transcript)
+        connection._started = started
+        return connection
 
     @property
     def tls_active(self) -> bool:
@@ -114,7 +302,25 @@ class Pop3Connection:
             data = await self._reader.read(_READ_CHUNK)
         except OSError as exc:  # includes ConnectionResetError
             raise ConnectionClosedError(f"connection lost: {exc}") from exc
+        if isinstance(self._reader, _SocketStream):
+            self._arrival = (self._reader.arrival, self._reader.arrival_wall)
         return data
+
+    def line_latency(self) -> float | None:
+        """Seconds from the TCP connect to the arrival of the data that completed the
+        last line read_line() returned; None if unknown (not opened by connect()).
+
+        It is the kernel's receive time where there is one, else the time the event
+        loop saw the data; either way not when the probe's task got to run again."""
+        if self._started is None or self._line_arrival is None:
+            return None
+        arrival, arrival_wall = self._line_arrival
+        latency = arrival - self._started[0]
+        if arrival_wall is not None:
+            kernel_latency = arrival_wall - self._started[1]
+            if 0.0 <= kernel_latency <= latency + _CLOCK_TOLERANCE:
+                return kernel_latency
+        return latency
 
     async def _fill(self) -> None:
         """Append at least one byte of application data to the buffer, or raise."""
@@ -155,6 +361,7 @@ class Pop3Connection:
                     line = line[:-1]
                 if len(line) > self._max_line_bytes:
                     raise LineTooLongError(f"line longer than {self._max_line_bytes} bytes")
+                self._line_arrival = self._arrival
                 self._note("S", decode_line(line))
                 return line
             searched = len(self._buffer)
@@ -263,7 +470,7 @@ class Pop3Connection:
 
     def close_now(self) -> None:
         """Close without waiting for the peer (the probe's result is already known)."""
-        self._writer.transport.close()
+        self._writer.close()  # StreamWriter.close() is its transport's close()
 
 
 def _facts(
