@@ -20,7 +20,7 @@ from tests.support.exposition import parse_samples, value
 from tests.support.fakepop3 import FakePop3Server, dialogue
 from tests.support.fakeprober import FakeProber
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+README = Path(__file__).resolve().parent.parent / "README.md"
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 Client = TestClient  # type: ignore[type-arg]
@@ -358,10 +358,8 @@ def yaml_examples(path: Path) -> list[str]:
 
 
 def test_every_policy_example_in_the_docs_is_valid() -> None:
-    examples = [
-        block for block in yaml_examples(DOCS / "security.md") if block.startswith("policy:")
-    ]
+    examples = [block for block in yaml_examples(README) if block.startswith("policy:")]
     assert len(examples) >= 4
     for block in examples:
-        policy = parse_config(block, "security.md").policy
+        policy = parse_config(block, "README.md").policy
         assert policy != Policy()
