@@ -135,6 +135,15 @@ class _Source:
     def __init__(self, filename: str) -> None:
         self.filename = filename
 
+    def compose(self, text: str) -> yaml.Node | None:
+        """The document's node tree (None if empty); a syntax error names the line."""
+        try:
+            return yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            line = f"{mark.line + 1}: " if mark is not None else ""
+            raise ConfigError(f"{self.filename}:{line}invalid YAML: {exc}") from None
+
     def error(self, node: yaml.Node, message: str) -> ConfigError:
         return ConfigError(f"{self.filename}:{node.start_mark.line + 1}: {message}")
 
@@ -277,12 +286,7 @@ def parse_config(text: str, filename: str = "<string>") -> Config:
     """Parse configuration text. Modules from the file are added to the built-in ones
     (a module of the same name replaces the built-in one)."""
     source = _Source(filename)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{filename}:{line}invalid YAML: {exc}") from None
+    root = source.compose(text)
     modules = builtin_modules()
     if root is None:
         return Config(modules=MappingProxyType(modules), source=filename)

@@ -100,12 +100,7 @@ class WebConfig:
 
 def parse_web_config(text: str, filename: str = "<string>") -> WebConfig:
     source = _Source(filename)
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f"{mark.line + 1}: " if mark is not None else ""
-        raise ConfigError(f"{filename}:{line}invalid YAML: {exc}") from None
+    root = source.compose(text)
     if root is None:
         return WebConfig(source=filename)
     top = source.mapping(root, "top level", set(_TOP_KEYS | _UNSUPPORTED_TOP_KEYS))
