@@ -1,0 +1,92 @@
+"""Hypothesis strategies for arbitrary (hostile) probe results, and the Accept headers
+that Prometheus and people send; shared by tests/test_render.py and bench/check_render.py."""
+
+from __future__ import annotations
+
+from hypothesis import strategies as st
+
+from pop3_exporter.result import (
+    CertFacts,
+    FailureReason,
+    Phase,
+    ProbeResult,
+    TLSFacts,
+)
+
+ACCEPT_HEADERS = (
+    "",
+    "*/*",
+    "text/plain",
+    "text/plain;version=0.0.4",
+    "text/plain;version=1.0.0;escaping=allow-utf-8",
+    "text/plain;version=1.0.0;escaping=underscores",
+    "text/plain;version=1.0.0;escaping=dots",
+    "text/plain;version=1.0.0;escaping=values",
+    "application/openmetrics-text",
+    "application/openmetrics-text;version=1.0.0",
+    "application/openmetrics-text;version=0.0.1",
+    "application/openmetrics-text;version=2.0.0",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8",
+    "application/openmetrics-text;version=1.0.0;escaping=dots",
+    "application/openmetrics-text;version=1.0.0;escaping=values",
+    # Prometheus 2.x and 3.x defaults.
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.6,"
+    "application/openmetrics-text;version=0.0.1;q=0.5,text/plain;version=1.0.0;"
+    "escaping=allow-utf-8;q=0.4,text/plain;version=0.0.4;q=0.3,*/*;q=0.2",
+)
+
+_text = st.text(
+    alphabet=st.one_of(
+        st.sampled_from('\\"\n\r\t {}=,#äé€\x00\x7f\u2028'),
+        st.characters(codec="utf-8", exclude_categories=["Cs"]),
+    ),
+    max_size=300,
+)
+_floats = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=0, max_value=1e10),
+    st.sampled_from([0.0, 1.0, 1e6, 1234567.0, 1.7999e9, 0.0001, 1e-7]),
+)
+_cert = st.builds(
+    CertFacts,
+    subject=_text,
+    issuer=_text,
+    serial_number=st.text("0123456789abcdef", min_size=1, max_size=40),
+    fingerprint_sha256=st.text("0123456789abcdef", min_size=64, max_size=64),
+    subject_alternative_names=st.lists(_text, max_size=4).map(tuple),
+    not_before=_floats,
+    not_after=_floats,
+)
+_tls = st.builds(
+    TLSFacts,
+    verification_enabled=st.booleans(),
+    verified=st.booleans(),
+    verify_error=st.none() | _text,
+    version=st.none() | st.sampled_from(["TLS 1.2", "TLS 1.3"]) | _text,
+    cipher=st.none() | _text,
+    presented_chain=st.lists(_cert, max_size=3).map(tuple),
+    verified_chain=st.lists(_cert, max_size=3).map(tuple),
+)
+probe_results = st.builds(
+    ProbeResult,
+    target=_text,
+    module_name=_text,
+    timeout_seconds=_floats,
+    duration_seconds=_floats,
+    success=st.booleans(),
+    failure_reason=st.none() | st.sampled_from(FailureReason),
+    failure_detail=st.none() | _text,
+    failed_phase=st.none() | st.sampled_from(Phase),
+    phase_durations=st.lists(st.tuples(st.sampled_from(Phase), _floats), max_size=8).map(tuple),
+    dns_lookup_seconds=st.none() | _floats,
+    ip_protocol=st.sampled_from([None, 4, 6]),
+    address=st.none() | _text,
+    greeting=st.none() | _text,
+    greeting_seconds=st.none() | _floats,
+    greeting_match=st.booleans(),
+    capabilities=st.lists(_text, max_size=12).map(tuple),
+    plaintext_auth_exposed=st.none() | st.booleans(),
+    tls=st.none() | _tls,
+)
