@@ -186,7 +186,13 @@ class Pop3Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
+        self.process()
+
+    def process(self) -> None:
+        # While STLS upgrades the connection, commands wait: start_tls() delivers the
+        # first protected command before it hands us the new transport, and a reply
+        # written then would go out in plaintext.
+        while not self.upgrading:
             end = self.buffer.find(b"\n")
             if end < 0:
                 if len(self.buffer) > MAX_LINE and self.transport is not None:
@@ -207,6 +213,9 @@ class Pop3Session(asyncio.Protocol):
             transport.close()
         elif line == b"STLS" and not self.tls:
             transport.write(b"+OK begin TLS\r\n")
+            # The ClientHello may arrive before the upgrade task runs: keep it in the
+            # kernel until start_tls() has the TLS protocol in place to read it.
+            transport.pause_reading()
             self.tls = True
             self.upgrading = True
             self.buffer = b""
@@ -229,6 +238,7 @@ class Pop3Session(asyncio.Protocol):
             transport.abort()
             return
         self.transport = new
+        self.process()
 
 
 def _ignore(task: asyncio.Task[Any]) -> None:
