@@ -190,6 +190,13 @@ async def serve(
         # aiohttp treats 0 as "wait forever"; a grace of 0 means "do not wait".
         shutdown_timeout=max(shutdown_grace, 0.001),
     )
+    # Signal handlers first: once the listener answers (a health check may pass while
+    # site.start() is still running), a SIGTERM must already mean "shut down cleanly".
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGHUP, holder.reload)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
     await site.start()
@@ -199,11 +206,6 @@ async def serve(
         "https" if ssl_context is not None else "http",
         __version__,
     )
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    loop.add_signal_handler(signal.SIGHUP, holder.reload)
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
     try:
         await stop.wait()
         logger.info(

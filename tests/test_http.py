@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient
 
-from pop3_exporter.config import Module
 from pop3_exporter.http import ConfigHolder, Pop3Prober, create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.resolver import StaticResolver
-from pop3_exporter.result import FailureReason, Phase, ProbeResult
-from pop3_exporter.target import ProbeTarget
 from tests.support.exposition import (
     labelled,
     parse_samples,
@@ -23,59 +19,10 @@ from tests.support.exposition import (
     value,
 )
 from tests.support.fakepop3 import FakePop3Server, dialogue
+from tests.support.fakeprober import FakeProber
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 Client = TestClient  # type: ignore[type-arg]
-
-
-def canned_result(target: ProbeTarget, module: Module, *, success: bool) -> ProbeResult:
-    return ProbeResult(
-        target=str(target),
-        module_name=module.name,
-        timeout_seconds=module.timeout,
-        duration_seconds=0.01,
-        success=success,
-        failure_reason=None if success else FailureReason.CONNECT_REFUSED,
-        failure_detail=None if success else "connection refused",
-        failed_phase=None if success else Phase.CONNECT,
-        phase_durations=((Phase.RESOLVE, 0.001), (Phase.CONNECT, 0.002)),
-        dns_lookup_seconds=0.001,
-        ip_protocol=4,
-        address="127.0.0.1",
-        greeting="+OK ready" if success else None,
-        greeting_seconds=0.003 if success else None,
-        greeting_match=success,
-        capabilities=("TOP",) if success else (),
-        plaintext_auth_exposed=False if success else None,
-        tls=None,
-    )
-
-
-class RecordingProber:
-    """Stands in for the real prober: records calls, answers with canned results."""
-
-    def __init__(self, *, success: bool = True, delay: float = 0.0) -> None:
-        self.success = success
-        self.delay = delay
-        self.calls: list[tuple[ProbeTarget, Module, float]] = []
-        self.cancelled = asyncio.Event()
-
-    async def __call__(
-        self,
-        target: ProbeTarget,
-        module: Module,
-        deadline: float,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        record_transcript: bool,
-    ) -> ProbeResult:
-        self.calls.append((target, module, deadline - asyncio.get_running_loop().time()))
-        try:
-            await asyncio.sleep(self.delay)
-        except asyncio.CancelledError:
-            self.cancelled.set()
-            raise
-        return canned_result(target, module, success=self.success)
 
 
 async def make_client(
@@ -111,7 +58,7 @@ async def make_client(
 async def test_bad_requests_are_400_with_reason(
     aiohttp_client: ClientFactory, query: dict[str, str], message: str
 ) -> None:
-    prober = RecordingProber()
+    prober = FakeProber()
     client, _ = await make_client(aiohttp_client, prober)
     response = await client.get("/probe", params=query)
     text = await response.text()
@@ -121,14 +68,14 @@ async def test_bad_requests_are_400_with_reason(
 
 
 async def test_repeated_parameter_is_400(aiohttp_client: ClientFactory) -> None:
-    client, _ = await make_client(aiohttp_client, RecordingProber())
+    client, _ = await make_client(aiohttp_client, FakeProber())
     response = await client.get("/probe?target=a&target=b&module=pop3")
     assert response.status == 400
     assert "given more than once" in await response.text()
 
 
 async def test_failed_probe_is_http_200(aiohttp_client: ClientFactory) -> None:
-    client, _holder = await make_client(aiohttp_client, RecordingProber(success=False))
+    client, _holder = await make_client(aiohttp_client, FakeProber(success=False))
     response = await client.get("/probe", params={"target": "h", "module": "pop3"})
     assert response.status == 200
     samples = parse_samples(await response.text())
@@ -139,7 +86,7 @@ async def test_failed_probe_is_http_200(aiohttp_client: ClientFactory) -> None:
 
 
 async def test_module_port_and_deadline_reach_the_prober(aiohttp_client: ClientFactory) -> None:
-    prober = RecordingProber()
+    prober = FakeProber()
     client, _ = await make_client(aiohttp_client, prober)
     await client.get("/probe", params={"target": "pop3s://mail.test"})
     await client.get(
@@ -147,15 +94,15 @@ async def test_module_port_and_deadline_reach_the_prober(aiohttp_client: ClientF
         params={"target": "[::1]", "module": "pop3_starttls"},
         headers={"X-Prometheus-Scrape-Timeout-Seconds": "3"},
     )
-    (target1, module1, timeout1), (target2, module2, timeout2) = prober.calls
-    assert (str(target1), module1.name) == ("mail.test:995", "pop3s")
-    assert timeout1 == pytest.approx(10.0, abs=0.1)
-    assert (str(target2), module2.name) == ("[::1]:110", "pop3_starttls")
-    assert timeout2 == pytest.approx(2.5, abs=0.1)
+    first, second = prober.calls
+    assert (str(first.target), first.module.name) == ("mail.test:995", "pop3s")
+    assert first.timeout == pytest.approx(10.0, abs=0.1)
+    assert (str(second.target), second.module.name) == ("[::1]:110", "pop3_starttls")
+    assert second.timeout == pytest.approx(2.5, abs=0.1)
 
 
 async def test_content_negotiation(aiohttp_client: ClientFactory) -> None:
-    client, _ = await make_client(aiohttp_client, RecordingProber())
+    client, _ = await make_client(aiohttp_client, FakeProber())
     params = {"target": "h", "module": "pop3"}
     plain = await client.get("/probe", params=params)
     assert plain.headers["Content-Type"].startswith("text/plain; version=0.0.4")
@@ -170,7 +117,7 @@ async def test_content_negotiation(aiohttp_client: ClientFactory) -> None:
 
 
 async def test_metrics_endpoint(aiohttp_client: ClientFactory) -> None:
-    client, _ = await make_client(aiohttp_client, RecordingProber())
+    client, _ = await make_client(aiohttp_client, FakeProber())
     await client.get("/probe", params={"target": "h", "module": "pop3"})
     text = await (await client.get("/metrics")).text()
     promtool_check_metrics(text)
@@ -186,7 +133,7 @@ async def test_metrics_endpoint(aiohttp_client: ClientFactory) -> None:
 
 
 async def test_in_flight_gauge_counts_running_probes(aiohttp_client: ClientFactory) -> None:
-    prober = RecordingProber(delay=0.5)
+    prober = FakeProber(delay=0.5)
     client, _ = await make_client(aiohttp_client, prober)
     task = asyncio.create_task(client.get("/probe", params={"target": "h", "module": "pop3"}))
     for _ in range(100):
@@ -199,7 +146,7 @@ async def test_in_flight_gauge_counts_running_probes(aiohttp_client: ClientFacto
 
 
 async def test_client_disconnect_cancels_probe(aiohttp_client: ClientFactory) -> None:
-    prober = RecordingProber(delay=30)
+    prober = FakeProber(delay=30)
     client, _ = await make_client(aiohttp_client, prober)
     request = asyncio.create_task(client.get("/probe", params={"target": "h", "module": "pop3"}))
     for _ in range(200):
@@ -215,7 +162,7 @@ async def test_client_disconnect_cancels_probe(aiohttp_client: ClientFactory) ->
 
 
 async def test_health_index_and_reload_methods(aiohttp_client: ClientFactory) -> None:
-    client, _ = await make_client(aiohttp_client, RecordingProber())
+    client, _ = await make_client(aiohttp_client, FakeProber())
     healthy = await client.get("/-/healthy")
     assert healthy.status == 200 and (await healthy.text()) == "Healthy\n"
     index = await client.get("/")
@@ -231,7 +178,7 @@ async def test_reload_keeps_old_config_when_new_one_is_bad(
 ) -> None:
     path = tmp_path / "c.yml"
     path.write_text("modules:\n  first: {}\n")
-    client, holder = await make_client(aiohttp_client, RecordingProber(), path)
+    client, holder = await make_client(aiohttp_client, FakeProber(), path)
     path.write_text("modules:\n  second: {}\n")
     ok = await client.post("/-/reload")
     assert ok.status == 200

@@ -27,7 +27,6 @@ so ``workdir`` and all its ancestors must be traversable by everyone: a pytest
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import itertools
 import os
@@ -43,6 +42,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.support.certs import CertFiles
+from tests.support.processes import reap, signal_child
 
 USER = "probe"
 PASSWORD = "secret"
@@ -376,10 +376,8 @@ service auth {{
         return False
 
     def _send_signal(self, signum: int) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            # Only our own child, by PID.
-            with contextlib.suppress(ProcessLookupError):
-                self._proc.send_signal(signum)
+        if self._proc is not None:
+            signal_child(self._proc, signum)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the master and wait; SIGKILL after ``timeout``. Idempotent."""
@@ -395,11 +393,7 @@ service auth {{
         proc = self._proc
         if proc is None:
             return
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._send_signal(signal.SIGKILL)
-            proc.wait(5)
+        reap(proc, timeout)
         self._proc = None
 
     def __enter__(self) -> DovecotServer:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.processes import terminate
+
 REPO = Path(__file__).resolve().parent.parent.parent
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 30.0
@@ -77,12 +79,7 @@ class ExporterProcess:
         """Stop this process (by its PID) if it still runs; used on test teardown."""
         if self.process is None or self.process.poll() is not None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
+        terminate(self.process, STOP_TIMEOUT)
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pop3_exporter.config import Module
 from pop3_exporter.prober import AddressCheck
-from pop3_exporter.result import Phase, ProbeResult
+from pop3_exporter.result import FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
 
 
@@ -17,27 +17,29 @@ class Call:
     target: ProbeTarget
     module: Module
     address_check: AddressCheck | None
+    timeout: float  # seconds from the call to the deadline it was given
 
 
-def success_result(target: ProbeTarget, module: Module) -> ProbeResult:
+def canned_result(target: ProbeTarget, module: Module, *, success: bool = True) -> ProbeResult:
+    """A plausible result: a plain probe that succeeded, or was refused at connect."""
     return ProbeResult(
         target=str(target),
         module_name=module.name,
         timeout_seconds=module.timeout,
         duration_seconds=0.01,
-        success=True,
-        failure_reason=None,
-        failure_detail=None,
-        failed_phase=None,
+        success=success,
+        failure_reason=None if success else FailureReason.CONNECT_REFUSED,
+        failure_detail=None if success else "connection refused",
+        failed_phase=None if success else Phase.CONNECT,
         phase_durations=((Phase.RESOLVE, 0.001), (Phase.CONNECT, 0.002)),
         dns_lookup_seconds=0.001,
         ip_protocol=4,
-        address="192.0.2.1",
-        greeting="+OK ready",
-        greeting_seconds=0.003,
-        greeting_match=True,
-        capabilities=("TOP",),
-        plaintext_auth_exposed=False,
+        address="127.0.0.1",
+        greeting="+OK ready" if success else None,
+        greeting_seconds=0.003 if success else None,
+        greeting_match=success,
+        capabilities=("TOP",) if success else (),
+        plaintext_auth_exposed=False if success else None,
         tls=None,
     )
 
@@ -50,14 +52,22 @@ class FakeProber:
     the real prober does right before connecting.
     """
 
-    def __init__(self, *, delay: float = 0.0, addresses: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        delay: float = 0.0,
+        addresses: dict[str, str] | None = None,
+        success: bool = True,
+    ) -> None:
         self.delay = delay
+        self.success = success
         self.addresses = addresses or {}
         self.calls: list[Call] = []
         self.running = 0
         self.max_running = 0
         self.started = asyncio.Event()
         self.release = asyncio.Event()  # set it to end every sleeping probe at once
+        self.cancelled = asyncio.Event()  # set when a probe was cancelled (client gone)
 
     async def __call__(
         self,
@@ -69,7 +79,8 @@ class FakeProber:
         record_transcript: bool,
         address_check: AddressCheck | None = None,
     ) -> ProbeResult:
-        self.calls.append(Call(target, module, address_check))
+        timeout = deadline - asyncio.get_running_loop().time()
+        self.calls.append(Call(target, module, address_check, timeout))
         if address_check is not None:
             address = target.host if target.is_ip_literal else self.addresses[target.host]
             address_check(address, target.port)
@@ -82,6 +93,9 @@ class FakeProber:
                 await asyncio.wait_for(self.release.wait(), timeout=self.delay)
         except TimeoutError:
             pass
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
         finally:
             self.running -= 1
-        return success_result(target, module)
+        return canned_result(target, module, success=self.success)

@@ -42,6 +42,8 @@ import pytest
 import yaml
 from aiohttp import ClientSession, ClientTimeout, web
 
+from tests.support.processes import signal_child, terminate
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 RULES_DIR = DEPLOY / "prometheus" / "rules"
@@ -230,15 +232,7 @@ class ManagedProcess:
         proc = self._proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGKILL)
-                proc.wait(5)
+        terminate(proc, timeout)
         self._proc = None
 
     def __enter__(self) -> ManagedProcess:
@@ -327,10 +321,8 @@ def stop_all(processes: Iterable[ManagedProcess]) -> None:
     """Signal every process first (each by its PID), then wait for each."""
     processes = [p for p in processes if p.running]
     for process in processes:
-        proc = process._proc
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+        if process._proc is not None:
+            signal_child(process._proc, signal.SIGTERM)
     for process in processes:
         process.stop()
 
