@@ -222,18 +222,23 @@ def _module_name(request: web.Request) -> str | None:
     return name
 
 
+def _known_modules(config: Config) -> str:
+    return ", ".join(sorted(config.modules))
+
+
 def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) -> Module:
-    known = ", ".join(sorted(config.modules))
     if module_name is None:
         if spec.scheme is None:
             raise BadRequest(
                 "parameter 'module' is required unless the target is a pop3:// or pop3s:// URL;"
-                f" known modules: {known}"
+                f" known modules: {_known_modules(config)}"
             )
         module_name = SCHEME_MODULES[spec.scheme]
     module = config.modules.get(module_name)
     if module is None:
-        raise BadRequest(f"unknown module {module_name!r}; known modules: {known}")
+        raise BadRequest(
+            f"unknown module {module_name!r}; known modules: {_known_modules(config)}"
+        )
     if spec.scheme == "pop3s" and module.tls is not TLSMode.IMPLICIT:
         raise BadRequest(f"pop3s:// target needs a module with tls: implicit, not {module.name}")
     if spec.scheme == "pop3" and module.tls is TLSMode.IMPLICIT:

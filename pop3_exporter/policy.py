@@ -122,6 +122,8 @@ class Policy:
 
     def check_target(self, host: str, port: int, *, is_ip_literal: bool) -> None:
         """Before resolution: raise TargetRefusedError if no address could be allowed."""
+        if self.default_allow and not self.deny:
+            return  # the default policy: nothing to check on every probe
         if is_ip_literal:
             self._decide(None, normalize_address(host), port, f"{_show(host)} port {port}")
         else:
