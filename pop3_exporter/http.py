@@ -236,9 +236,7 @@ def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) ->
         module_name = SCHEME_MODULES[spec.scheme]
     module = config.modules.get(module_name)
     if module is None:
-        raise BadRequest(
-            f"unknown module {module_name!r}; known modules: {_known_modules(config)}"
-        )
+        raise BadRequest(f"unknown module {module_name!r}; known modules: {_known_modules(config)}")
     if spec.scheme == "pop3s" and module.tls is not TLSMode.IMPLICIT:
         raise BadRequest(f"pop3s:// target needs a module with tls: implicit, not {module.name}")
     if spec.scheme == "pop3" and module.tls is TLSMode.IMPLICIT:
