@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from cryptography import x509
@@ -155,7 +155,3 @@ def verification_error(exc: ssl.SSLCertVerificationError) -> type[CertificateErr
     if code in _HOSTNAME_CODES:
         return HostnameMismatchError
     return CertificateUntrustedError
-
-
-def join_names(names: Sequence[str]) -> str:
-    return ",".join(names)
