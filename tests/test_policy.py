@@ -30,6 +30,9 @@ def policy_of(yaml_text: str) -> Policy:
     return parse_config(textwrap.dedent(yaml_text), "policy.yml").policy
 
 
+# Addresses outside loopback in this file are only data for policy decisions: nothing
+# here connects anywhere (policy checks are pure, and the prober is a fake).
+
 # --- Configuration -------------------------------------------------------------------
 
 
