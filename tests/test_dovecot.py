@@ -15,7 +15,7 @@ from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason
 from tests.conftest import DovecotFactory
-from tests.support.certs import TestPKI
+from tests.support.certs import TestPKI, make_client_certificate
 from tests.support.dovecot import DovecotServer
 from tests.support.exposition import (
     Samples,
@@ -406,41 +406,6 @@ async def test_scrape_timeout_header_shortens_the_deadline(
     assert duration is not None and 0.95 <= duration < 1.5
 
 
-def self_signed_client_cert(directory: Path) -> tuple[Path, Path]:
-    """A client certificate that the test server trusts directly (it is its own CA)."""
-    import datetime
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pop3_exporter client")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "client.pem", directory / "client.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
 async def test_client_certificate_is_presented(
     aiohttp_client: ClientFactory, pki: TestPKI, tmp_path: Path
 ) -> None:
@@ -449,7 +414,8 @@ async def test_client_certificate_is_presented(
 
     from tests.support.fakepop3 import dialogue, server_ssl_context
 
-    cert_path, key_path = self_signed_client_cert(tmp_path)
+    client_cert = make_client_certificate(tmp_path / "client")
+    cert_path, key_path = client_cert.cert_path, client_cert.key_path
     config = tmp_path / "mtls.yml"
     config.write_text(
         "modules:\n"
@@ -462,7 +428,7 @@ async def test_client_certificate_is_presented(
     client = await aiohttp_client(create_app(holder, prober=Pop3Prober(RESOLVER)))
     server_context = server_ssl_context(pki.variants["good"])
     server_context.verify_mode = ssl.CERT_REQUIRED
-    server_context.load_verify_locations(cafile=str(cert_path))
+    server_context.load_verify_locations(cafile=str(client_cert.ca_path))
     async with FakePop3Server(dialogue(), ssl_context=server_context) as server:
         samples = await probe(client, f"127.0.0.1:{server.port}", "mtls")
         assert_succeeded(samples)

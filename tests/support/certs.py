@@ -253,6 +253,52 @@ def _save_variant(
     )
 
 
+@dataclass(frozen=True)
+class ClientCertFiles:
+    """A client CA (what a server requiring client certificates trusts) and one
+    client certificate it issued."""
+
+    ca_path: Path
+    cert_path: Path
+    key_path: Path
+
+
+def make_client_certificate(directory: Path) -> ClientCertFiles:
+    directory.mkdir(parents=True, exist_ok=True)
+    now = _now()
+    ca = _make_root(now)
+    key = _new_key()
+    cert = (
+        _builder(
+            _name("prometheus"),
+            ca.cert.subject,
+            key.public_key(),
+            now - timedelta(days=1),
+            now + timedelta(days=30),
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(_authority_key_id(ca.cert), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    files = ClientCertFiles(
+        ca_path=directory / "client-ca.crt",
+        cert_path=directory / "client.crt",
+        key_path=directory / "client.key",
+    )
+    _write(files.ca_path, _pem(ca.cert))
+    _write(files.cert_path, _pem(cert))
+    _write(
+        files.key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+    )
+    return files
+
+
 def make_pki(directory: Path) -> TestPKI:
     """Generate the root CA and every variant in :data:`VARIANTS` under ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
