@@ -21,7 +21,15 @@ class ProbeError(Exception):
 
 
 class ResolveError(ProbeError):
+    """The name does not resolve: NXDOMAIN, SERVFAIL, or no address of the wanted family."""
+
     reason = FailureReason.DNS_ERROR
+
+
+class ResolveTimeoutError(ResolveError):
+    """No answer from the resolver in time (kept apart from a definite DNS error)."""
+
+    reason = FailureReason.DNS_TIMEOUT
 
 
 class ConnectError(ProbeError, ConnectionError):

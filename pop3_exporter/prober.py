@@ -38,7 +38,7 @@ _PLAINTEXT_SASL_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
 AddressCheck = Callable[[str, int], None]
 
 _TIMEOUT_REASONS = {
-    Phase.RESOLVE: FailureReason.DNS_ERROR,
+    Phase.RESOLVE: FailureReason.DNS_TIMEOUT,
     Phase.CONNECT: FailureReason.CONNECT_TIMEOUT,
     Phase.GREETING: FailureReason.GREETING_TIMEOUT,
 }

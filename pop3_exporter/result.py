@@ -22,6 +22,7 @@ class FailureReason(enum.StrEnum):
     """The fixed set of reasons a probe can fail; each is always exported."""
 
     DNS_ERROR = "dns_error"
+    DNS_TIMEOUT = "dns_timeout"
     CONNECT_REFUSED = "connect_refused"
     CONNECT_TIMEOUT = "connect_timeout"
     CONNECT_ERROR = "connect_error"
