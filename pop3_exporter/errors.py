@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING, ClassVar
 from pop3_exporter.result import FailureReason
 
 if TYPE_CHECKING:
-    from pop3_exporter.result import TLSFacts
+    from pop3_exporter.tlsinfo import Handshake
 
 
 class ProbeError(Exception):
     """Base class: something the target (or the network to it) did wrong."""
 
     reason: ClassVar[FailureReason] = FailureReason.PROTOCOL_ERROR
+    # True when the server answered in step and only refused something: the session
+    # is still usable, so the probe ends it with a polite QUIT.
+    session_usable: ClassVar[bool] = False
 
 
 class ResolveError(ProbeError):
@@ -66,24 +69,27 @@ class GreetingMismatchError(ProbeError):
     """The greeting was +OK but did not match expect_greeting."""
 
     reason = FailureReason.GREETING_MISMATCH
+    session_usable = True
 
 
 class StlsUnsupportedError(ProbeError):
     """STLS was required but not advertised, or the server refused it."""
 
     reason = FailureReason.STLS_UNSUPPORTED
+    session_usable = True
 
 
 class TLSHandshakeError(ProbeError):
     reason = FailureReason.TLS_HANDSHAKE_ERROR
 
-    def __init__(self, message: str, facts: TLSFacts | None = None) -> None:
+    def __init__(self, message: str, handshake: Handshake | None = None) -> None:
         super().__init__(message)
-        self.facts = facts
+        # What the server presented before the handshake failed, for reporting.
+        self.handshake = handshake
 
 
 class CertificateError(TLSHandshakeError):
-    """OpenSSL rejected the presented chain; `facts` still describes what was presented."""
+    """OpenSSL rejected the presented chain; `handshake` still holds what was presented."""
 
     reason = FailureReason.TLS_CERT_UNTRUSTED
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import html
 import logging
@@ -30,8 +29,7 @@ from pop3_exporter.config import (
 from pop3_exporter.errors import ConfigError, TargetError
 from pop3_exporter.metrics import ExporterMetrics, probe_registry, render_probe
 from pop3_exporter.policy import TargetRefusedError
-from pop3_exporter.prober import AddressCheck, probe_pop3
-from pop3_exporter.resolver import Resolver, SystemResolver
+from pop3_exporter.prober import AddressCheck, Pop3Prober
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
 from pop3_exporter.tlsinfo import build_ssl_context
@@ -45,47 +43,21 @@ SCHEME_MODULES: Mapping[str, str] = MappingProxyType({"pop3": "pop3", "pop3s": "
 
 
 class Prober(Protocol):
-    """What /probe calls. ``address_check`` is passed only when the target policy has
-    address (cidr) rules; it must be called with the address right before connecting,
-    and what it raises (TargetRefusedError) must propagate."""
+    """What /probe calls, with the probe's timeout in seconds. ``address_check`` is
+    passed only when the target policy has address (cidr) rules; it must be called
+    with the address right before connecting, and what it raises (TargetRefusedError)
+    must propagate."""
 
     async def __call__(
         self,
         target: ProbeTarget,
         module: Module,
-        deadline: float,
+        timeout_seconds: float,
         *,
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
         address_check: AddressCheck | None = None,
     ) -> ProbeResult: ...
-
-
-class Pop3Prober:
-    """The real prober with its resolver bound."""
-
-    def __init__(self, resolver: Resolver | None = None) -> None:
-        self._resolver = resolver or SystemResolver()
-
-    async def __call__(
-        self,
-        target: ProbeTarget,
-        module: Module,
-        deadline: float,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        record_transcript: bool,
-        address_check: AddressCheck | None = None,
-    ) -> ProbeResult:
-        return await probe_pop3(
-            target,
-            module,
-            deadline,
-            resolver=self._resolver,
-            ssl_context=ssl_context,
-            record_transcript=record_transcript,
-            address_check=address_check,
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,13 +298,12 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             text=f"too many probes in flight (limit {gate.limit}); try again later\n",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    deadline = asyncio.get_running_loop().time() + timeout
     metrics.in_flight.inc()
     try:
         result = await app[PROBER_KEY](
             target,
             module,
-            deadline,
+            timeout,
             ssl_context=runtime.ssl_contexts.get(module.name),
             record_transcript=debug,
             **extra,

@@ -26,7 +26,7 @@ from prometheus_client.utils import floatToGoString
 from pop3_exporter import __version__
 from pop3_exporter.config import TLSMode
 from pop3_exporter.policy import RefusalReason
-from pop3_exporter.result import FailureReason, Phase, ProbeResult
+from pop3_exporter.result import REGISTERED_CAPABILITIES, FailureReason, Phase, ProbeResult
 
 MAX_LABEL_LENGTH = 256
 MAX_SHORT_LABEL_LENGTH = 64
@@ -97,6 +97,7 @@ class ProbeCollector(Collector):
         probe_pop3_duration_seconds{phase="tls"} 0.0081
         probe_pop3_failure{reason="connect_refused"} 0.0
         probe_pop3_capability{capability="UIDL"} 1.0
+        probe_pop3_capabilities_unregistered 0.0
         probe_tls_valid 1.0
         probe_ssl_earliest_cert_expiry 1.7999e+09
         probe_tls_version_info{version="TLS 1.3"} 1.0
@@ -161,14 +162,22 @@ class ProbeCollector(Collector):
         for reason, reason_value in _FAILURE_REASONS:
             failure.add_metric([reason_value], float(reason is result.failure_reason))
         yield failure
-        capability = ProbeFamily(
-            "probe_pop3_capability",
-            "1 for each capability the server advertised (after STLS where used).",
-            labels=["capability"],
-        )
-        for name in result.capabilities:
-            capability.add_metric([sanitize_label(name, MAX_SHORT_LABEL_LENGTH)], 1.0)
-        yield capability
+        capabilities = result.capabilities
+        if capabilities is not None:
+            capability = ProbeFamily(
+                "probe_pop3_capability",
+                "1 for each capability of the IANA POP3 extension registry the server"
+                " advertised, 0 for the others (after STLS where used).",
+                labels=["capability"],
+            )
+            for name in REGISTERED_CAPABILITIES:
+                capability.add_metric([name], float(name in capabilities.names))
+            yield capability
+            yield _gauge(
+                "probe_pop3_capabilities_unregistered",
+                "Number of distinct advertised capabilities outside the IANA registry.",
+                float(capabilities.unregistered),
+            )
         if self._tls_mode is not TLSMode.IMPLICIT and result.plaintext_auth_exposed is not None:
             yield _gauge(
                 "probe_pop3_plaintext_auth_exposed",

@@ -39,6 +39,40 @@ class FailureReason(enum.StrEnum):
     TIMEOUT = "timeout"
 
 
+# The POP3 extension registry of IANA (RFC 2449 section 7 and the RFCs after it). Only
+# these names become label values; a server can advertise anything else, and those
+# are only counted, so that no server chooses label values or their number.
+REGISTERED_CAPABILITIES: tuple[str, ...] = (
+    "TOP",
+    "USER",
+    "SASL",
+    "RESP-CODES",
+    "LOGIN-DELAY",
+    "PIPELINING",
+    "EXPIRE",
+    "UIDL",
+    "IMPLEMENTATION",
+    "STLS",
+    "UTF8",
+    "LANG",
+    "AUTH-RESP-CODE",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a CAPA reply said, reduced to what the probe uses and reports."""
+
+    # Registered names advertised, in REGISTERED_CAPABILITIES order.
+    names: tuple[str, ...]
+    # How many distinct other capability names were advertised.
+    unregistered: int
+    # SASL mechanisms offered (upper case, capped in number and length).
+    sasl_mechanisms: tuple[str, ...] = ()
+    # LOGIN-DELAY's argument in seconds, when the server gave one.
+    login_delay_seconds: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class CertFacts:
     """What one presented certificate says about itself."""
@@ -105,7 +139,8 @@ class ProbeResult:
     greeting: str | None
     greeting_seconds: float | None
     greeting_match: bool
-    capabilities: tuple[str, ...]
+    # The last CAPA answered (after STLS where used); None if none was.
+    capabilities: Capabilities | None
     # None when the module cannot know (implicit TLS never talks in the clear).
     plaintext_auth_exposed: bool | None
     tls: TLSFacts | None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ssl
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -18,7 +20,7 @@ from pop3_exporter.errors import (
     ConfigError,
     HostnameMismatchError,
 )
-from pop3_exporter.result import CertFacts
+from pop3_exporter.result import CertFacts, TLSFacts
 
 # OpenSSL X509_V_ERR_* codes that decide the failure reason; every other
 # verification error means the chain does not lead to a trusted root.
@@ -31,6 +33,74 @@ _TLS_VERSION_LABELS = {
     "TLSv1.2": "TLS 1.2",
     "TLSv1.3": "TLS 1.3",
 }
+
+
+# Distinct certificate chains whose parsed facts a ChainFactsCache keeps. A target
+# presents the same chain probe after probe, and parsing it (x509, names, SANs,
+# SHA-256) cost about a fifth of a TLS probe's CPU; the facts depend on the DER bytes
+# alone. Chains above the byte cap (typical ones are 1-5 KiB) are parsed every time,
+# so that the cache stays below about 2048 * 2 * 8 KiB whatever targets present.
+CERT_FACTS_CACHE_SIZE = 2048
+CERT_FACTS_CACHE_MAX_CHAIN_BYTES = 8192
+
+
+@dataclass(frozen=True, slots=True)
+class Handshake:
+    """What one TLS handshake showed, as raw as OpenSSL gives it (no parsing yet)."""
+
+    verification_enabled: bool
+    verified: bool
+    verify_error: str | None  # OpenSSL's message when the chain was rejected
+    version: str | None  # "TLS 1.3"
+    cipher: str | None
+    presented_der: tuple[bytes, ...]  # leaf first; also after a failed verification
+    verified_der: tuple[bytes, ...]  # leaf to trust anchor; empty unless verified
+
+
+def handshake_record(
+    tls: ssl.SSLObject,
+    context: ssl.SSLContext,
+    *,
+    verified: bool,
+    error: ssl.SSLCertVerificationError | None = None,
+) -> Handshake:
+    cipher = tls.cipher()
+    return Handshake(
+        verification_enabled=context.verify_mode != ssl.CERT_NONE,
+        verified=verified,
+        verify_error=error.verify_message if error is not None else None,
+        version=tls_version_label(tls.version()),
+        cipher=cipher[0] if cipher else None,
+        presented_der=tuple(presented_chain_der(tls)),
+        verified_der=tuple(verified_chain_der(tls)) if verified else (),
+    )
+
+
+class ChainFactsCache:
+    """Parsed certificate facts by the chain's DER bytes (facts are immutable).
+
+    One per prober, shared by its probes; the exporter's memory for it is bounded by
+    CERT_FACTS_CACHE_SIZE chains of at most CERT_FACTS_CACHE_MAX_CHAIN_BYTES each.
+    """
+
+    def __init__(self, size: int = CERT_FACTS_CACHE_SIZE) -> None:
+        self._cached = functools.lru_cache(maxsize=size)(cert_facts)
+
+    def chain(self, der: tuple[bytes, ...]) -> tuple[CertFacts, ...]:
+        if sum(map(len, der)) > CERT_FACTS_CACHE_MAX_CHAIN_BYTES:
+            return cert_facts(der)
+        return self._cached(der)
+
+    def facts(self, handshake: Handshake) -> TLSFacts:
+        return TLSFacts(
+            verification_enabled=handshake.verification_enabled,
+            verified=handshake.verified,
+            verify_error=handshake.verify_error,
+            version=handshake.version,
+            cipher=handshake.cipher,
+            presented_chain=self.chain(handshake.presented_der),
+            verified_chain=self.chain(handshake.verified_der) if handshake.verified_der else (),
+        )
 
 
 def build_ssl_context(tls_config: TLSConfig) -> ssl.SSLContext:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from pop3_exporter.http import ConfigHolder, Pop3Prober, create_app
+from pop3_exporter.http import ConfigHolder, create_app
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.resolver import StaticResolver
 from tests.support.exposition import (
     labelled,

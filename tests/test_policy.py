@@ -12,9 +12,10 @@ from aiohttp.test_utils import TestClient
 
 from pop3_exporter.config import parse_config
 from pop3_exporter.errors import ConfigError
-from pop3_exporter.http import ConfigHolder, Pop3Prober, Prober, create_app
+from pop3_exporter.http import ConfigHolder, Prober, create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.policy import Policy, RefusalReason, TargetRefusedError
+from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.resolver import StaticResolver
 from tests.support.exposition import parse_samples, value
 from tests.support.fakepop3 import FakePop3Server, dialogue

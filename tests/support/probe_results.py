@@ -6,6 +6,8 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from pop3_exporter.result import (
+    REGISTERED_CAPABILITIES,
+    Capabilities,
     CertFacts,
     FailureReason,
     Phase,
@@ -86,7 +88,14 @@ probe_results = st.builds(
     greeting=st.none() | _text,
     greeting_seconds=st.none() | _floats,
     greeting_match=st.booleans(),
-    capabilities=st.lists(_text, max_size=12).map(tuple),
+    capabilities=st.none()
+    | st.builds(
+        Capabilities,
+        names=st.lists(st.sampled_from(REGISTERED_CAPABILITIES), unique=True).map(tuple),
+        unregistered=st.integers(0, 300),
+        sasl_mechanisms=st.lists(_text, max_size=4).map(tuple),
+        login_delay_seconds=st.none() | st.integers(0, 10**9),
+    ),
     plaintext_auth_exposed=st.none() | st.booleans(),
     tls=st.none() | _tls,
 )
