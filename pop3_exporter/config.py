@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from pop3_exporter.credentials import CredentialError, Mechanism, Secret, read_secret_file
 from pop3_exporter.errors import ConfigError
 from pop3_exporter.policy import Policy, parse_policy
 
@@ -61,6 +62,43 @@ class TLSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthConfig:
+    """How an authenticated probe logs in. The secret itself is loaded from
+    password_file or password_env when the configuration is (re)loaded; token_file is
+    read at every probe."""
+
+    username: str
+    mechanism: Mechanism = Mechanism.USER
+    password_file: str | None = None
+    password_env: str | None = None
+    token_file: str | None = None
+    # Send credentials over a connection without TLS (tls: none).
+    allow_plaintext: bool = False
+    # Use the mechanism even when CAPA does not advertise it (USER, or the SASL name).
+    allow_unadvertised: bool = False
+    password: Secret | None = None
+
+    def secret(self) -> Secret:
+        """What this probe sends: the loaded password, or the token file read now."""
+        if self.mechanism.uses_token:
+            if self.token_file is None:
+                raise CredentialError(f"auth.mechanism {self.mechanism} needs token_file")
+            return read_secret_file(self.token_file)
+        if self.password is None:
+            raise CredentialError("no password loaded (password_file or password_env)")
+        return self.password
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxConfig:
+    """What the probe looks at after login (never DELE, never RETR)."""
+
+    stat: bool = True
+    # TOP 1 0 and the Date header of message 1.
+    oldest_message: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Module:
     """One way of probing; `port` is used when the target names none."""
 
@@ -76,6 +114,8 @@ class Module:
     ip_protocol_fallback: bool = True
     source_ip_address: str | None = None
     tls_config: TLSConfig = field(default_factory=TLSConfig)
+    auth: AuthConfig | None = None
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
 
     @property
     def uses_tls(self) -> bool:
@@ -230,7 +270,7 @@ def _parse_tls_config(source: _Source, node: yaml.Node, where: str) -> TLSConfig
 
 def _parse_module(source: _Source, name: str, node: yaml.Node) -> Module:
     where = f"modules.{name}"
-    allowed = {f.name for f in fields(Module)} - {"name"}
+    allowed = {f.name for f in fields(Module)} - {"name", "auth", "mailbox"}
     entries = source.mapping(node, where, allowed)
     values: dict[str, Any] = {"name": name}
     for key, (_, value_node) in entries.items():

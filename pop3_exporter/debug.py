@@ -64,13 +64,21 @@ def debug_report(result: ProbeResult, module: Module, metrics_text: str) -> str:
         f"Address: {result.address or '-'} (IPv{result.ip_protocol or '?'})",
         "",
         "Transcript (seconds since start; C: sent, S: received, *: event;"
-        " the probe never sends credentials):",
+        " secrets sent are shown as ********):",
     ]
     lines += [
         f"  {line.offset_seconds:9.6f} {line.direction}: {line.text}" for line in result.transcript
     ]
     lines += ["", "Phases:"]
     lines += [f"  {phase}: {seconds:.6f}s" for phase, seconds in result.phase_durations]
+    if result.login_success is not None:
+        lines += ["", f"Login: {'success' if result.login_success else 'failed'}"]
+    if result.mailbox is not None:
+        oldest = result.mailbox.oldest_message_timestamp
+        lines.append(
+            f"Mailbox: {result.mailbox.messages} messages, {result.mailbox.size_bytes} octets"
+            + (f", message 1 dated {_iso(oldest)}" if oldest is not None else "")
+        )
     lines += ["", "TLS:"]
     tls = result.tls
     if tls is None:

@@ -106,6 +106,53 @@ class HostnameMismatchError(CertificateError):
     reason = FailureReason.TLS_HOSTNAME_MISMATCH
 
 
+class AuthFailedError(ProbeError):
+    """The server refused the credentials (-ERR, [AUTH], or no response code).
+
+    Login refusals leave the session in step: the probe ends it with QUIT."""
+
+    reason = FailureReason.AUTH_FAILED
+    session_usable = True
+
+
+class AuthUnavailableError(AuthFailedError):
+    """[SYS/TEMP]: a temporary failure on the server's side, e.g. its auth backend."""
+
+    reason = FailureReason.AUTH_UNAVAILABLE
+
+
+class AuthSystemError(AuthFailedError):
+    """[SYS/PERM]: a permanent failure on the server's side."""
+
+    reason = FailureReason.AUTH_SYSTEM_ERROR
+
+
+class MailboxInUseError(AuthFailedError):
+    """[IN-USE]: another session holds the mailbox lock."""
+
+    reason = FailureReason.MAILBOX_IN_USE
+
+
+class LoginDelayError(AuthFailedError):
+    """[LOGIN-DELAY]: logged in again sooner than the server allows."""
+
+    reason = FailureReason.LOGIN_DELAY
+
+
+class AuthMechanismUnsupportedError(AuthFailedError):
+    """The configured mechanism is not offered, or AUTH refused it before any
+    credentials were sent."""
+
+    reason = FailureReason.AUTH_MECHANISM_UNSUPPORTED
+
+
+class MailboxError(ProbeError):
+    """-ERR to STAT or TOP after a successful login."""
+
+    reason = FailureReason.MAILBOX_ERROR
+    session_usable = True
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names file, line and key."""
 

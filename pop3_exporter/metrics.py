@@ -178,6 +178,36 @@ class ProbeCollector(Collector):
                 "Number of distinct advertised capabilities outside the IANA registry.",
                 float(capabilities.unregistered),
             )
+            if capabilities.login_delay_seconds is not None:
+                yield _gauge(
+                    "probe_pop3_login_delay_seconds",
+                    "LOGIN-DELAY advertised in CAPA: the least time between two logins.",
+                    float(capabilities.login_delay_seconds),
+                )
+        if result.login_success is not None:
+            yield _gauge(
+                "probe_pop3_login_success",
+                "1 if the login succeeded (modules with auth only).",
+                float(result.login_success),
+            )
+        mailbox = result.mailbox
+        if mailbox is not None:
+            yield _gauge(
+                "probe_pop3_mailbox_messages",
+                "Messages in the maildrop (STAT after login).",
+                float(mailbox.messages),
+            )
+            yield _gauge(
+                "probe_pop3_mailbox_size_bytes",
+                "Size of the maildrop in octets (STAT after login).",
+                float(mailbox.size_bytes),
+            )
+            if mailbox.oldest_message_timestamp is not None:
+                yield _gauge(
+                    "probe_pop3_mailbox_oldest_message_timestamp_seconds",
+                    "Date header of message 1 (unix time), when there is one.",
+                    mailbox.oldest_message_timestamp,
+                )
         if self._tls_mode is not TLSMode.IMPLICIT and result.plaintext_auth_exposed is not None:
             yield _gauge(
                 "probe_pop3_plaintext_auth_exposed",

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pop3_exporter.config import IPProtocol, Module, TLSMode
+from pop3_exporter.credentials import Secret
 from pop3_exporter.errors import (
     GreetingError,
     GreetingMismatchError,
@@ -32,10 +33,12 @@ from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
     Capabilities,
     FailureReason,
+    MailboxFacts,
     Phase,
     ProbeResult,
     TranscriptLine,
 )
+from pop3_exporter.session import login, oldest_message_date, stat
 from pop3_exporter.target import ProbeTarget
 from pop3_exporter.tlsinfo import ChainFactsCache, Handshake, build_ssl_context
 
@@ -113,6 +116,8 @@ class _Recorder:
         self.capabilities: Capabilities | None = None
         self.plaintext_auth_exposed: bool | None = None
         self.handshake: Handshake | None = None
+        self.logged_in = False
+        self.mailbox: MailboxFacts | None = None
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -184,6 +189,8 @@ class _Recorder:
             plaintext_auth_exposed=self.plaintext_auth_exposed,
             tls=cert_cache.facts(self.handshake) if self.handshake is not None else None,
             transcript=tuple(self.transcript or ()),
+            login_success=self.logged_in if module.auth is not None else None,
+            mailbox=self.mailbox,
         )
 
 
@@ -235,12 +242,16 @@ async def probe_pop3(
 
     The deadline covers everything but the final QUIT (resolution, connect, TLS, every
     read); when it fires, the phase that was running decides the failure reason.
+
+    A module that logs in reads its secret first (a token file at every probe):
+    credentials.CredentialError escapes, since the exporter, not the target, is at fault.
     """
     recorder = _Recorder(asyncio.get_running_loop(), timeout_seconds, record_transcript)
+    secret = module.auth.secret() if module.auth is not None else None
     if module.uses_tls and ssl_context is None:
         ssl_context = build_ssl_context(module.tls_config)
     failure = await _probe(
-        recorder, target, module, resolver or SystemResolver(), ssl_context, address_check
+        recorder, target, module, resolver or SystemResolver(), ssl_context, address_check, secret
     )
     return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
 
@@ -252,6 +263,7 @@ async def _probe(
     resolver: Resolver,
     ssl_context: ssl.SSLContext | None,
     address_check: AddressCheck | None,
+    secret: Secret | None,
 ) -> Failure | None:
     connection: Pop3Connection | None = None
     try:
@@ -269,6 +281,8 @@ async def _probe(
                 )
                 recorder.note("*", f"connected to {address} port {target.port}")
                 await _dialogue(recorder, connection, target, module, ssl_context)
+                if secret is not None:
+                    await _session(recorder, connection, target, module, secret)
         except (ProbeError, TimeoutError) as exc:
             failure: Failure | None = recorder.failure(exc)
         else:
@@ -365,6 +379,41 @@ async def _dialogue(
             recorder.begin(Phase.CAPA)
             lines = await _capa(conn)
             recorder.capabilities = parse_capabilities(lines) if lines is not None else None
+
+
+async def _session(
+    recorder: _Recorder,
+    conn: Pop3Connection,
+    target: ProbeTarget,
+    module: Module,
+    secret: Secret,
+) -> None:
+    """Log in, then look at the maildrop; raises why it failed."""
+    auth = module.auth
+    assert auth is not None
+    if not conn.tls_active and not auth.allow_plaintext:
+        # Config loading refuses such modules; a Module built in code must not slip by.
+        raise RuntimeError("refusing to send credentials without TLS")
+    recorder.begin(Phase.LOGIN)
+    await login(
+        conn,
+        auth,
+        secret,
+        recorder.capabilities,
+        recorder.greeting or "",
+        module.tls_config.server_name or target.host,
+        target.port,
+    )
+    recorder.logged_in = True
+    if not module.mailbox.stat:
+        return
+    recorder.begin(Phase.STAT)
+    messages, size = await stat(conn)
+    recorder.mailbox = MailboxFacts(messages=messages, size_bytes=size)
+    if module.mailbox.oldest_message and messages:
+        recorder.begin(Phase.TOP)
+        oldest = await oldest_message_date(conn)
+        recorder.mailbox = MailboxFacts(messages, size, oldest_message_timestamp=oldest)
 
 
 async def _capa(conn: Pop3Connection) -> list[str] | None:

@@ -24,7 +24,7 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -395,25 +395,31 @@ class Pop3Connection:
             return Response(ok=True, text=line, continuation=True)
         raise ProtocolError(f"reply is neither +OK nor -ERR: {line[:80]!r}")
 
-    async def read_multiline(self, max_lines: int, max_bytes: int = MAX_REPLY_BYTES) -> list[str]:
-        """The body of a multi-line reply up to the "." line, with dot-unstuffing.
-
-        More than `max_lines` lines, or more than `max_bytes` bytes in all, is a
-        protocol error: a reply is bounded as a whole, not only line by line."""
-        lines: list[str] = []
-        total = 0
-        while True:
+    async def multiline(self, max_lines: int) -> AsyncIterator[bytes]:
+        """The lines of a multi-line reply up to the "." line, dot-unstuffed, one at a
+        time: the caller keeps only what it needs. More than `max_lines` lines is a
+        protocol error. Stopping early leaves the connection out of step."""
+        for count in range(max_lines + 1):
             raw = await self.read_line()
             if raw == b".":
-                return lines
-            if raw.startswith(b"."):
-                raw = raw[1:]
+                return
+            if count == max_lines:
+                break
+            yield raw[1:] if raw.startswith(b".") else raw
+        raise ProtocolError(f"multi-line reply longer than {max_lines} lines")
+
+    async def read_multiline(self, max_lines: int, max_bytes: int = MAX_REPLY_BYTES) -> list[str]:
+        """The body of a multi-line reply, decoded. More than `max_lines` lines, or more
+        than `max_bytes` bytes in all, is a protocol error: a reply that is kept is
+        bounded as a whole, not only line by line."""
+        lines: list[str] = []
+        total = 0
+        async for raw in self.multiline(max_lines):
             total += len(raw) + 2
-            if len(lines) >= max_lines:
-                raise ProtocolError(f"multi-line reply longer than {max_lines} lines")
             if total > max_bytes:
                 raise ProtocolError(f"multi-line reply longer than {max_bytes} bytes")
             lines.append(decode_line(raw))
+        return lines
 
     async def send_command(self, command: str, *, shown: str | None = None) -> None:
         """Send one command line. `shown` replaces it in the transcript (secrets)."""

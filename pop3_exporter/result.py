@@ -15,6 +15,9 @@ class Phase(enum.StrEnum):
     GREETING = "greeting"
     CAPA = "capa"
     STLS = "stls"
+    LOGIN = "login"
+    STAT = "stat"
+    TOP = "top"
     QUIT = "quit"
 
 
@@ -35,6 +38,13 @@ class FailureReason(enum.StrEnum):
     TLS_CERT_EXPIRED = "tls_cert_expired"
     TLS_CERT_UNTRUSTED = "tls_cert_untrusted"
     TLS_HOSTNAME_MISMATCH = "tls_hostname_mismatch"
+    AUTH_MECHANISM_UNSUPPORTED = "auth_mechanism_unsupported"
+    AUTH_FAILED = "auth_failed"
+    AUTH_UNAVAILABLE = "auth_unavailable"
+    AUTH_SYSTEM_ERROR = "auth_system_error"
+    MAILBOX_IN_USE = "mailbox_in_use"
+    LOGIN_DELAY = "login_delay"
+    MAILBOX_ERROR = "mailbox_error"
     PROTOCOL_ERROR = "protocol_error"
     TIMEOUT = "timeout"
 
@@ -120,6 +130,17 @@ class TranscriptLine:
 
 
 @dataclass(frozen=True, slots=True)
+class MailboxFacts:
+    """What STAT (and TOP 1 0) said about the maildrop after login."""
+
+    messages: int
+    size_bytes: int
+    # The Date header of message 1 (unix seconds); None when the mailbox is empty, TOP
+    # was not asked, or the header is missing, unparsable or far in the future.
+    oldest_message_timestamp: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """Everything the probe learned. Built once at the end of a probe, never mutated."""
 
@@ -145,3 +166,6 @@ class ProbeResult:
     plaintext_auth_exposed: bool | None
     tls: TLSFacts | None
     transcript: tuple[TranscriptLine, ...] = field(default=())
+    # None when the module does not log in; else whether the login succeeded.
+    login_success: bool | None = None
+    mailbox: MailboxFacts | None = None

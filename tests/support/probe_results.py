@@ -10,6 +10,7 @@ from pop3_exporter.result import (
     Capabilities,
     CertFacts,
     FailureReason,
+    MailboxFacts,
     Phase,
     ProbeResult,
     TLSFacts,
@@ -98,4 +99,12 @@ probe_results = st.builds(
     ),
     plaintext_auth_exposed=st.none() | st.booleans(),
     tls=st.none() | _tls,
+    login_success=st.none() | st.booleans(),
+    mailbox=st.none()
+    | st.builds(
+        MailboxFacts,
+        messages=st.integers(0, 10**15),
+        size_bytes=st.integers(0, 10**15),
+        oldest_message_timestamp=st.none() | _floats,
+    ),
 )
