@@ -696,6 +696,28 @@ def test_shell_blocks_do_not_hard_wire_sudo() -> None:
     assert offending == []
 
 
+# Commands that need root on a Debian machine; "sudo LINE" covers only the first command
+# of a line, so these must stand alone on theirs.
+ROOT_COMMANDS = frozenset({"apt-get", "apt", "dpkg", "install", "mkdir", "cp", "tee", "systemctl"})
+
+
+def commands_needing_root_in_chains(fences: Iterable[Fence]) -> list[str]:
+    offending = []
+    for fence in fences:
+        for line in fence.text.splitlines():
+            segments = [s.split() for s in re.split(r"&&|\|\||;|\|", line.split(" #")[0])]
+            words = [s[0] for s in segments if s]
+            if len(words) > 1 and ROOT_COMMANDS.intersection(words):
+                offending.append(f"{fence.where}: {line.strip()}")
+    return offending
+
+
+def test_commands_that_need_root_stand_alone() -> None:
+    assert commands_needing_root_in_chains(SHELL_FENCES) == []
+    chained = Fence("t.md", 1, "sh", "mkdir -p /etc/x && cp a /etc/x/\nls && true\n")
+    assert commands_needing_root_in_chains([chained]) == ["t.md:1: mkdir -p /etc/x && cp a /etc/x/"]
+
+
 def test_readme_is_short_and_starts_with_the_essentials() -> None:
     lines = README.read_text(encoding="utf-8").splitlines()
     assert len(lines) <= README_MAX_LINES
