@@ -21,7 +21,7 @@ from tests.support.exposition import parse_samples, value
 from tests.support.fakepop3 import FakePop3Server, dialogue
 from tests.support.fakeprober import FakeProber
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SECURITY_DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 Client = TestClient  # type: ignore[type-arg]
@@ -362,8 +362,8 @@ def yaml_examples(path: Path) -> list[str]:
 
 
 def test_every_policy_example_in_the_docs_is_valid() -> None:
-    examples = [block for block in yaml_examples(README) if block.startswith("policy:")]
+    examples = [block for block in yaml_examples(SECURITY_DOC) if block.startswith("policy:")]
     assert len(examples) >= 4
     for block in examples:
-        policy = parse_config(block, "README.md").policy
+        policy = parse_config(block, "docs/security.md").policy
         assert policy != Policy()

@@ -400,7 +400,7 @@ def test_cli_refuses_a_bad_web_config(tmp_path: Path) -> None:
 
 
 def test_the_web_config_example_in_the_docs_is_valid() -> None:
-    docs = Path(__file__).resolve().parent.parent / "README.md"
+    docs = Path(__file__).resolve().parent.parent / "docs" / "security.md"
     blocks = re.findall(r"```yaml\n(.*?)```", docs.read_text(), flags=re.DOTALL)
     [example] = [block for block in blocks if block.startswith("tls_server_config:")]
     config = parse_web_config(example, "/etc/pop3_exporter/web.yml")
