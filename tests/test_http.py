@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from pop3_exporter.http import ConfigHolder, Pop3Prober, create_app
+from pop3_exporter.http import Pop3Prober, create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.resolver import StaticResolver
+from pop3_exporter.runtime import ConfigHolder
 from tests.support.exposition import (
     labelled,
     parse_samples,
@@ -21,8 +24,8 @@ from tests.support.exposition import (
 from tests.support.fakepop3 import FakePop3Server, dialogue
 from tests.support.fakeprober import FakeProber
 
-ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
 
 
 async def make_client(
@@ -170,6 +173,11 @@ async def test_health_index_and_reload_methods(aiohttp_client: ClientFactory) ->
     assert index.status == 200
     for link in ('href="metrics"', 'href="-/healthy"', ">pop3_starttls<", 'action="probe"'):
         assert link in page
+    # The form's example target has no port: the selected module's port applies, and the
+    # module selected first is pop3s (port 995), the common case.
+    assert 'placeholder="pop.example.com"' in page
+    assert re.findall(r"<option[^>]* selected>([^<]*)<", page) == ["pop3s"]
+    assert "<td>pop3s</td><td>implicit</td><td>995</td><td>10s</td>" in page
     assert (await client.get("/-/reload")).status == 405
 
 
@@ -187,7 +195,11 @@ async def test_reload_keeps_old_config_when_new_one_is_bad(
     path.write_text("modules:\n  third:\n    bogus: 1\n")
     bad = await client.post("/-/reload")
     assert bad.status == 500
-    assert "unknown key 'bogus'" in await bad.text()
+    assert await bad.text() == (
+        f"failed to reload config: 1 error:\n{path}:3: modules.third.bogus: unknown key"
+        " (known: expect_greeting, ip_protocol_fallback, port, preferred_ip_protocol,"
+        " query_capabilities, source_ip_address, timeout, tls, tls_config)\n"
+    )
     assert "second" in holder.runtime.config.modules  # the old config stays
     samples = parse_samples(await (await client.get("/metrics")).text())
     assert value(samples, "pop3_exporter_config_last_reload_successful") == 0
