@@ -226,7 +226,9 @@ async def test_debug_output_shows_transcript_tls_module_and_metrics(
     assert " C: CAPA" in text and " S: +OK hello \\x1b[31mred" in text
     assert "\x1b" not in text  # control characters are escaped, never passed through
     assert " C: QUIT" in text
-    assert "Module pop3:" in text and "expect_greeting: '^\\\\+OK'" in text
+    # The module as YAML: the pattern as written in a config file, not a Python repr.
+    assert "Module pop3, as a configuration file:\nmodules:\n  pop3:\n" in text
+    assert "    expect_greeting: ^\\+OK\n" in text
     assert "(no TLS handshake)" in text
     assert "probe_success 1.0" in text
 
