@@ -3,6 +3,7 @@ exporter's own metrics."""
 
 from __future__ import annotations
 
+import enum
 import functools
 import math
 import platform
@@ -381,6 +382,23 @@ def probe_registry(result: ProbeResult, tls_mode: TLSMode) -> CollectorRegistry:
     return registry
 
 
+class InvalidRequestReason(enum.StrEnum):
+    """Why a /probe request was answered HTTP 400: the label values of
+    pop3_exporter_probe_requests_invalid_total (a fixed, small set)."""
+
+    UNKNOWN_PARAMETER = "unknown_parameter"
+    REPEATED_PARAMETER = "repeated_parameter"
+    # Missing, empty or malformed target.
+    BAD_TARGET = "bad_target"
+    # A well-formed module name that is not configured (a Prometheus job out of step
+    # with the exporter's configuration).
+    UNKNOWN_MODULE = "unknown_module"
+    # Missing or malformed module, or one that does not fit a pop3:// / pop3s:// target.
+    BAD_MODULE = "bad_module"
+    BAD_DEBUG = "bad_debug"
+    BAD_SCRAPE_TIMEOUT = "bad_scrape_timeout"
+
+
 class ExporterMetrics:
     """The exporter's own metrics, in a registry owned by one application."""
 
@@ -426,11 +444,19 @@ class ExporterMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.probe_requests_invalid = Counter(
+            "pop3_exporter_probe_requests_invalid",
+            "Probe requests answered HTTP 400 (unprobed), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         # Exported at 0 from the start, so that alerts on rate() see every series.
         for refusal in RefusalReason:
             self.probes_refused.labels(refusal.value)
         for reason in ("concurrency_limit", "shutting_down"):
             self.probes_rejected.labels(reason)
+        for invalid in InvalidRequestReason:
+            self.probe_requests_invalid.labels(invalid.value)
         self.reload_success = Gauge(
             "pop3_exporter_config_last_reload_successful",
             "Whether the last configuration reload attempt was successful.",

@@ -17,7 +17,7 @@ import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pop3_exporter.config import IPProtocol, Module, TLSMode
+from pop3_exporter.config import IPProtocol, MailboxConfig, Module, TLSMode
 from pop3_exporter.credentials import Secret
 from pop3_exporter.errors import (
     GreetingError,
@@ -405,12 +405,13 @@ async def _session(
         target.port,
     )
     recorder.logged_in = True
-    if not module.mailbox.stat:
+    mailbox = module.mailbox or MailboxConfig()
+    if not mailbox.stat:
         return
     recorder.begin(Phase.STAT)
     messages, size = await stat(conn)
     recorder.mailbox = MailboxFacts(messages=messages, size_bytes=size)
-    if module.mailbox.oldest_message and messages:
+    if mailbox.oldest_message and messages:
         recorder.begin(Phase.TOP)
         oldest = await oldest_message_date(conn)
         recorder.mailbox = MailboxFacts(messages, size, oldest_message_timestamp=oldest)

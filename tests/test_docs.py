@@ -10,7 +10,8 @@
   subprocess, ``pop3_exporter --config.check``, with the files they name created by
   the test: ``/etc/pop3_exporter/`` (and relative paths) become a temporary
   directory holding a generated CA certificate (``ca_file``, ``client_ca_file``) and
-  a certificate and key signed by it (``cert_file``, ``key_file``).
+  a certificate and key signed by it (``cert_file``, ``key_file``), and a one-line
+  secret for ``password_file``, ``token_file`` and ``secret_file``.
 * Every ``promql`` block: each expression (separated by blank lines) becomes a
   recording rule, checked with ``promtool check rules``.
 * Every relative link points to an existing file, and its anchor to a heading there.
@@ -39,7 +40,7 @@ import pytest
 import yaml
 
 from pop3_exporter.cli import build_parser
-from pop3_exporter.config import Module, TLSConfig, parse_config
+from pop3_exporter.config import AuthConfig, MailboxConfig, Module, TLSConfig, parse_config
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.result import FailureReason, Phase
 from tests.support import prom
@@ -55,6 +56,8 @@ RULES_DIR = REPO / "deploy" / "prometheus" / "rules"
 README_MAX_LINES = 220
 # Where the documented example files live; the test replaces it by a directory of its own.
 EXAMPLE_DIR = "/etc/pop3_exporter/"
+# *_file keys that name a secret (one line of text), not a PEM file.
+SECRET_FILE_KEYS = frozenset({"password_file", "token_file", "secret_file"})
 # Linked from the docs, written on another branch; accepted while missing so that this
 # branch's tests pass before that branch is merged. Once the file exists it is checked
 # like every other link.
@@ -268,7 +271,13 @@ def provide_example_files(text: str, directory: Path, pki: TestPKI) -> str | Non
             return None
         target = directory / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(sources.get(key, pki.ca_file).read_bytes())
+        if key in SECRET_FILE_KEYS:
+            # A password or token file: one line, readable by its owner only (others
+            # being able to read it is a warning, and examples should not earn one).
+            target.write_text("example-secret\n")
+            target.chmod(0o600)
+        else:
+            target.write_bytes(sources.get(key, pki.ca_file).read_bytes())
     return localized
 
 
@@ -291,6 +300,9 @@ def defaults_problems(fence: Fence) -> list[str]:
             problems.append(f"module {name}: not the default: {', '.join(differing)}")
     keys = [f.name for f in dataclasses.fields(Module) if f.name != "name"]
     keys += [f.name for f in dataclasses.fields(TLSConfig)]
+    # Sections a module has only when it uses them: their keys are named (commented).
+    keys += [f.name for f in dataclasses.fields(AuthConfig) if f.name != "password"]
+    keys += [f.name for f in dataclasses.fields(MailboxConfig)]
     for key in keys:
         if not re.search(rf"^[ \t]*(#[ \t]*)?{key}:", fence.text, flags=re.MULTILINE):
             problems.append(f"key {key} is not named")
@@ -485,7 +497,7 @@ def test_the_checks_reject_broken_blocks(tmp_path: Path, pki: TestPKI) -> None:
         else:
             assert not results[fence.where].ok, (fence.kind, results[fence.where])
     assert "without a valid marker" in results[unmarked.where].output
-    assert "modules.extra: unknown key 'retries'" in results[fences[0].where].output
+    assert "modules.extra.retries: unknown key" in results[fences[0].where].output
 
 
 def test_the_checks_accept_good_blocks_and_provide_example_files(

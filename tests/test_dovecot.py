@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient
 
-from pop3_exporter.http import ConfigHolder, create_app
+from pop3_exporter.http import create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import REGISTERED_CAPABILITIES, FailureReason
+from pop3_exporter.runtime import ConfigHolder
 from tests.conftest import DovecotFactory
 from tests.support.certs import TestPKI, make_client_certificate
 from tests.support.dovecot import DovecotServer
