@@ -173,9 +173,9 @@ def test_format_duration_reads_back_exactly(seconds: float) -> None:
 INVALID = [
     (
         "modules:\n  a:\n    tsl: none\n",
-        "bad.yml:3: modules.a.tsl: unknown key (known: auth, expect_greeting, ip_protocol_fallback, mailbox,"
-        " port, preferred_ip_protocol, query_capabilities, source_ip_address, timeout, tls,"
-        " tls_config)",
+        "bad.yml:3: modules.a.tsl: unknown key (known: auth, expect_greeting,"
+        " ip_protocol_fallback, mailbox, port, preferred_ip_protocol, query_capabilities,"
+        " source_ip_address, timeout, tls, tls_config)",
     ),
     ("module:\n  a: {}\n", "bad.yml:1: module: unknown key (known: modules, policy)"),
     (
