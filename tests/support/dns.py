@@ -487,6 +487,11 @@ def dns_testbed() -> Iterator[Testbed]:
     try:
         with Testbed(workdir, default_zones()) as testbed:
             yield testbed
+            # Whatever the session's tests asked, Unbound asked only NSD.
+            nsd = f"{LOOPBACK}#{testbed.nsd_port}"
+            strays = set(testbed.outgoing_targets()) - {nsd}
+            if strays:
+                pytest.fail(f"Unbound sent queries to {sorted(strays)}", pytrace=False)
     finally:
         if os.environ.get(KEEP_ENV) != "1":
             shutil.rmtree(workdir, ignore_errors=True)
