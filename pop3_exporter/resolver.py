@@ -182,8 +182,9 @@ class DnsResolver:
 
     Outcomes: addresses (AAAA first, then A, each in the server's order), or
     ResolveTimeoutError when a lookup got no answer within ``lifetime`` (dns_timeout),
-    or ResolveError for NXDOMAIN, SERVFAIL/REFUSED/unreachable servers, and names with
-    neither an A nor an AAAA record (dns_error).
+    or ResolveError for NXDOMAIN, SERVFAIL, REFUSED, names with neither an A nor an AAAA
+    record, and no nameserver configured (dns_error). A server that does not answer at
+    all is a timeout.
     """
 
     def __init__(
@@ -252,10 +253,9 @@ class DnsResolver:
         decides from ``authenticated`` whether it can trust that.
         """
         resolver = self.dns_resolver
-        if self._system is not None:
-            problem = self._system.current().problem
-            if problem is not None:
-                raise ResolveError(f"TLSA of {name!r}: {problem}")
+        problem = self._system.current().problem if self._system is not None else None
+        if problem is not None:
+            raise ResolveError(f"TLSA of {name!r}: {problem}")
         try:
             answer = await resolver.resolve(
                 dns.name.from_text(name),
