@@ -16,9 +16,11 @@ from aiohttp import web
 from pop3_exporter import __version__
 from pop3_exporter.config import InvalidConfigError, parse_duration
 from pop3_exporter.errors import ConfigError
-from pop3_exporter.http import GATE_KEY, Settings, create_app
+from pop3_exporter.http import GATE_KEY, Prober, Settings, create_app
 from pop3_exporter.logs import LOG_FORMATS, LOG_LEVELS, fields, setup_logging
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.prober import Pop3Prober
+from pop3_exporter.resolver import DNS_PORT, DnsResolver, ip_literal
 from pop3_exporter.runtime import ConfigHolder, load_runtime, log_problems, module_names
 from pop3_exporter.webconfig import BasicAuth, build_server_ssl_context, load_web_config
 
@@ -46,6 +48,30 @@ def parse_listen_address(text: str) -> tuple[str | None, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     return (host or None), int(port_text)
+
+
+def parse_dns_server(text: str) -> tuple[str, int]:
+    """ "127.0.0.1:53", "[::1]:5353", or a bare address meaning port 53. Only addresses:
+    a name would itself need resolving."""
+    if ip_literal(text) is not None:
+        return text, DNS_PORT
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif text.startswith("[") and text.endswith("]"):
+        host, sep, port_text = text[1:-1], ":", str(DNS_PORT)
+    elif ":" in host:
+        raise argparse.ArgumentTypeError(f"{text!r}: write an IPv6 address as [ADDRESS]:PORT")
+    if (
+        not sep
+        or ip_literal(host) is None
+        or not (port_text.isascii() and port_text.isdigit())
+        or not 0 < int(port_text) <= 65535
+    ):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not ADDRESS:PORT with an IP address and a port 1-65535"
+        )
+    return host, int(port_text)
 
 
 def duration_flag(text: str) -> float:
@@ -142,6 +168,15 @@ def build_parser() -> argparse.ArgumentParser:
         f" cancelled (default {SHUTDOWN_GRACE_SECONDS:g}s).",
     )
     parser.add_argument(
+        "--dns.server",
+        dest="dns_server",
+        type=parse_dns_server,
+        default=None,
+        metavar="ADDRESS:PORT",
+        help="DNS server to resolve targets with, e.g. 127.0.0.1:53 or [::1]:5353 (a bare"
+        " address means port 53); default: the system's resolv.conf and hosts file.",
+    )
+    parser.add_argument(
         "--config.check",
         dest="config_check",
         action="store_true",
@@ -189,12 +224,13 @@ async def serve(
     ssl_context: ssl.SSLContext | None = None,
     auth: BasicAuth | None = None,
     shutdown_grace: float = SHUTDOWN_GRACE_SECONDS,
+    prober: Prober | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then shut down gracefully: the listener closes at
     once, probes in flight get ``shutdown_grace`` seconds to finish (new probes on
     kept-alive connections get 503), the rest are cancelled."""
     host, port = parse_listen_address(listen_address)
-    app = create_app(holder, settings=settings, auth=auth)
+    app = create_app(holder, settings=settings, auth=auth, prober=prober)
     runner = web.AppRunner(
         app,
         handler_cancellation=True,
@@ -310,6 +346,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ssl_context=ssl_context,
                 auth=auth,
                 shutdown_grace=args.shutdown_grace,
+                prober=Pop3Prober(DnsResolver(args.dns_server)),
             )
         )
     except OSError as exc:

@@ -35,6 +35,7 @@ from pop3_exporter.metrics import (
 )
 from pop3_exporter.policy import TargetRefusedError
 from pop3_exporter.prober import AddressCheck, Pop3Prober
+from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.runtime import ConfigHolder
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
@@ -416,7 +417,7 @@ def create_app(
     app = web.Application(middlewares=[auth.middleware()] if auth is not None else [])
     app[CONFIG_KEY] = holder
     app[METRICS_KEY] = holder.metrics
-    app[PROBER_KEY] = prober or Pop3Prober()
+    app[PROBER_KEY] = prober or Pop3Prober(DnsResolver())
     app[SETTINGS_KEY] = settings or Settings()
     gate = ProbeGate(app[SETTINGS_KEY].max_concurrent_probes)
     app[GATE_KEY] = gate

@@ -28,7 +28,7 @@ from pop3_exporter.errors import (
     TLSHandshakeError,
 )
 from pop3_exporter.protocol import Pop3Connection, decode_line
-from pop3_exporter.resolver import Resolver, SystemResolver
+from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
     Capabilities,
@@ -202,7 +202,7 @@ class Pop3Prober:
     def __init__(
         self, resolver: Resolver | None = None, cert_cache: ChainFactsCache | None = None
     ) -> None:
-        self._resolver = resolver or SystemResolver()
+        self._resolver = resolver or DnsResolver()
         self._cert_cache = cert_cache or ChainFactsCache()
 
     async def __call__(
@@ -251,7 +251,7 @@ async def probe_pop3(
     if module.uses_tls and ssl_context is None:
         ssl_context = build_ssl_context(module.tls_config)
     failure = await _probe(
-        recorder, target, module, resolver or SystemResolver(), ssl_context, address_check, secret
+        recorder, target, module, resolver or DnsResolver(), ssl_context, address_check, secret
     )
     return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import TestPKI, make_pki
+from tests.support.dns import dns_testbed  # noqa: F401 (the session fixture, for every test)
 from tests.support.dovecot import DovecotError, DovecotServer, dovecot_binary, stop_servers
 
 # Keep Dovecot's work directories after the run (for reading dovecot.log).
