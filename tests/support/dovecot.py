@@ -137,6 +137,17 @@ def _check_traversable(path: Path) -> None:
             )
 
 
+def make_maildir(home: Path) -> Path:
+    """Create ``home/Maildir`` with cur/new/tmp, owned by the mail uid; return the Maildir."""
+    maildir = home / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+    for path in (home, maildir, *(maildir / s for s in ("cur", "new", "tmp"))):
+        path.chmod(0o700)
+        os.chown(path, MAIL_UID, MAIL_GID)
+    return maildir
+
+
 class DovecotError(RuntimeError):
     """Dovecot exited or did not become ready; the message ends with its log."""
 
@@ -202,19 +213,7 @@ ssl_cert = <{d / "server.crt"}
 ssl_key = <{d / "server.key"}
 ssl_min_protocol = TLSv1.2
 
-auth_mechanisms = plain login
-disable_plaintext_auth = yes
-auth_failure_delay = 0
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%n {self.users_path}
-}}
-userdb {{
-  driver = passwd-file
-  args = username_format=%n {self.users_path}
-}}
-mail_location = maildir:{d}/mail/%n/Maildir
-
+{self._auth_config()}
 service pop3-login {{
   inet_listener pop3 {{
     port = {self.pop3_port}
@@ -245,7 +244,28 @@ service anvil {{
 service auth {{
   client_limit = 12000
 }}
+{self._extra_config()}"""
+
+    def _auth_config(self) -> str:
+        """Authentication and mail location; subclasses replace it (see dovecot_auth.py)."""
+        return f"""\
+auth_mechanisms = plain login
+disable_plaintext_auth = yes
+auth_failure_delay = 0
+passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%n {self.users_path}
+}}
+userdb {{
+  driver = passwd-file
+  args = username_format=%n {self.users_path}
+}}
+mail_location = maildir:{self.workdir}/mail/%n/Maildir
 """
+
+    def _extra_config(self) -> str:
+        """Appended to the config; empty here, a hook for subclasses."""
+        return ""
 
     def _prepare(self) -> None:
         """Write everything except the config (which needs the ports)."""
@@ -264,17 +284,14 @@ service auth {{
             f"{USER}:{{PLAIN}}{PASSWORD}:{MAIL_UID}:{MAIL_GID}::{self.workdir}/mail/{USER}::\n"
         )
         self.users_path.chmod(0o644)
-        for sub in ("cur", "new", "tmp"):
-            (self.maildir / sub).mkdir(parents=True, exist_ok=True)
         mail_root = self.workdir / "mail"
+        mail_root.mkdir(exist_ok=True)
         mail_root.chmod(0o755)
-        for path in (
-            mail_root / USER,
-            self.maildir,
-            *(self.maildir / s for s in ("cur", "new", "tmp")),
-        ):
-            path.chmod(0o700)
-            os.chown(path, MAIL_UID, MAIL_GID)
+        make_maildir(mail_root / USER)
+        self._prepare_extra()
+
+    def _prepare_extra(self) -> None:
+        """More files before the first start; a hook for subclasses."""
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of dovecot.log and of its stdout/stderr."""
