@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import resource
 import signal
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from aiohttp import web
 
@@ -177,6 +179,16 @@ def build_parser() -> argparse.ArgumentParser:
         " address means port 53); default: the system's resolv.conf and hosts file.",
     )
     parser.add_argument(
+        "--state.directory",
+        dest="state_directory",
+        type=Path,
+        default=default_state_directory(),
+        metavar="DIR",
+        help="Where the exporter keeps state: the key that marks its delivery-probe messages"
+        " (delivery.key, made at first start). Default: $STATE_DIRECTORY (systemd's"
+        " StateDirectory=) or /var/lib/pop3_exporter.",
+    )
+    parser.add_argument(
         "--config.check",
         dest="config_check",
         action="store_true",
@@ -188,12 +200,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_config(path: str | None, web_config_path: str | None = None) -> int:
+def default_state_directory() -> Path:
+    # systemd's StateDirectory= sets $STATE_DIRECTORY (a list when several are named).
+    configured = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(configured or "/var/lib/pop3_exporter")
+
+
+def check_config(
+    path: str | None, web_config_path: str | None = None, state_directory: Path | None = None
+) -> int:
     """--config.check: every problem of both files, one per line on stderr; what is
-    valid on stdout. 0 if all is valid, else 1."""
+    valid on stdout. 0 if all is valid, else 1. It creates no file."""
     problems: list[str] = []
     try:
-        runtime = load_runtime(path)
+        runtime = load_runtime(path, state_directory, create_keys=False)
     except InvalidConfigError as exc:
         problems += [str(problem) for problem in exc.problems]
     else:
@@ -292,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     if args.config_check:
-        return check_config(args.config_file, args.web_config_file)
+        return check_config(args.config_file, args.web_config_file, args.state_directory)
     try:
         parse_listen_address(args.listen_address)
     except ValueError as exc:
@@ -300,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     metrics = ExporterMetrics()
     try:
-        holder = ConfigHolder(args.config_file, metrics)
+        holder = ConfigHolder(args.config_file, metrics, args.state_directory)
     except InvalidConfigError as exc:
         log_problems(exc.problems)
         logger.error(

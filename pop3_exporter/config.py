@@ -35,8 +35,9 @@ from pop3_exporter.credentials import (
     read_secret_file,
     readable_by_others,
 )
-from pop3_exporter.errors import ConfigError
-from pop3_exporter.policy import Policy, parse_policy
+from pop3_exporter.errors import ConfigError, TargetError
+from pop3_exporter.policy import Policy, TargetRefusedError, parse_policy
+from pop3_exporter.target import parse_target
 
 
 class TLSMode(enum.StrEnum):
@@ -116,6 +117,48 @@ class MailboxConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SmtpAuthConfig:
+    """Credentials for SMTP submission (SASL as the SMTP client library chooses)."""
+
+    username: str
+    password_file: str | None = None
+    password_env: str | None = None
+    allow_plaintext: bool = False
+    password: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpConfig:
+    """The submission server a delivery probe sends through."""
+
+    address: str  # "host:port", as written
+    tls: TLSMode = TLSMode.STARTTLS
+    tls_config: TLSConfig = field(default_factory=TLSConfig)
+    auth: SmtpAuthConfig | None = None
+    # The EHLO name; unset: this machine's host name.
+    helo_name: str | None = None
+
+    def endpoint(self) -> tuple[str, int, bool]:
+        """(host, port, host is an IP address); the address was checked at load."""
+        spec = parse_target(self.address)
+        assert spec.port is not None
+        return spec.host, spec.port, spec.is_ip_literal
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    """An SMTP-to-POP3 round trip: send, then wait for the message over POP3."""
+
+    smtp: SmtpConfig
+    from_address: str
+    to: str
+    poll_interval: float = 1.0
+    # The key that marks this exporter's messages; unset: delivery.key in the state
+    # directory (--state.directory). Created with a random key when missing.
+    secret_file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Module:
     """One way of probing; `port` is used when the target names none."""
 
@@ -134,6 +177,7 @@ class Module:
     auth: AuthConfig | None = None
     # Only with auth; None means the defaults (STAT after login).
     mailbox: MailboxConfig | None = None
+    delivery: DeliveryConfig | None = None
 
     @property
     def uses_tls(self) -> bool:
@@ -408,6 +452,11 @@ class Key(Generic[_T]):
 
     parse: Parser[_T]
     dump: Callable[[_T], object]
+    # The dataclass field, when it cannot have the key's name ("from" is a keyword).
+    field: str | None = None
+
+    def field_name(self, key: str) -> str:
+        return self.field or key
 
 
 # (source, section key path, values read so far, entries) -> None. Runs once every key
@@ -442,8 +491,9 @@ class Section(Generic[_S]):
         entries = source.entries(node, where, set(self.keys))
         values: dict[str, Any] = dict(given)
         for key, (_, value_node) in entries.items():
+            entry = self.keys[key]
             try:
-                values[key] = self.keys[key].parse(source, value_node, _join(where, key))
+                values[entry.field_name(key)] = entry.parse(source, value_node, _join(where, key))
             except ConfigError as exc:
                 source.report(exc)
         if len(source.problems) == problems_before:
@@ -459,10 +509,14 @@ class Section(Generic[_S]):
         fields are left out."""
         result: dict[str, object] = {}
         for key, entry in self.keys.items():
-            field_value = getattr(value, key)
+            field_value = getattr(value, entry.field_name(key))
             if field_value is not None:
                 result[key] = entry.dump(field_value)
         return result
+
+    def fields(self) -> set[str]:
+        """The dataclass fields the keys fill (for the tests that keep both in step)."""
+        return {entry.field_name(key) for key, entry in self.keys.items()}
 
     def key(self) -> Key[_S]:
         """This section as the value of a key of another section."""
@@ -628,19 +682,24 @@ def _finish_auth(
         source.note(node, f"mechanism {mechanism} needs one of {wanted}, alone", key=where)
         return
     (key,) = sources
-    node = entries[key][1]
+    secret = _read_secret(source, where, key, values[key], entries[key][1])
+    if secret is not None and key != "token_file":
+        values["password"] = secret
+
+
+def _read_secret(
+    source: _Source, where: str, key: str, value: str, node: yaml.Node
+) -> Secret | None:
+    """The secret a *_file or *_env key names, read now; a problem (None) if it cannot
+    be read, a warning if other users can read its file."""
     try:
-        if key == "password_env":
-            values["password"] = read_secret_env(values[key])
-        else:
-            secret = read_secret_file(values[key])
-            if key == "password_file":
-                values["password"] = secret
+        secret = read_secret_env(value) if key.endswith("_env") else read_secret_file(value)
     except CredentialError as exc:
         source.note(node, str(exc), key=_join(where, key))
-        return
-    if key != "password_env" and readable_by_others(values[key]):
+        return None
+    if key.endswith("_file") and readable_by_others(value):
         source.warn(node, "the file is readable by other users", key=_join(where, key))
+    return secret
 
 
 def _section_node(entries: Mapping[str, tuple[yaml.Node, yaml.Node]]) -> yaml.Node:
@@ -665,6 +724,131 @@ AUTH_SECTION: Section[AuthConfig] = Section(
     given=frozenset({"password"}),
 )
 
+
+def _finish_smtp_auth(
+    source: _Source,
+    where: str,
+    values: dict[str, Any],
+    entries: Mapping[str, tuple[yaml.Node, yaml.Node]],
+) -> None:
+    if "username" not in values:
+        source.note(_section_node(entries), "needs username", key=_join(where, "username"))
+        return
+    sources = [key for key in ("password_file", "password_env") if key in values]
+    if len(sources) != 1:
+        node = entries[sources[-1]][1] if sources else _section_node(entries)
+        source.note(node, "needs one of password_file or password_env, alone", key=where)
+        return
+    (key,) = sources
+    values["password"] = _read_secret(source, where, key, values[key], entries[key][1])
+
+
+SMTP_AUTH_SECTION: Section[SmtpAuthConfig] = Section(
+    build=SmtpAuthConfig,
+    keys=MappingProxyType(
+        {
+            "username": Key(_username, _same),
+            "password_file": Key(_non_empty_string, _same),
+            "password_env": Key(_env_name, _same),
+            "allow_plaintext": Key(_boolean, _same),
+        }
+    ),
+    finish=_finish_smtp_auth,
+    given=frozenset({"password"}),
+)
+
+
+def _smtp_address(source: _Source, node: yaml.Node, where: str) -> str:
+    text = source.string(node, where)
+    try:
+        spec = parse_target(text)
+    except TargetError as exc:
+        raise source.error(node, f"must be HOST:PORT: {exc}", key=where) from None
+    if spec.port is None or spec.scheme is not None:
+        raise source.error(node, f"must be HOST:PORT, got {text!r}", key=where)
+    return text
+
+
+def _host_name(source: _Source, node: yaml.Node, where: str) -> str:
+    text = source.string(node, where)
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", text):
+        raise source.error(node, f"must be a host name, got {text!r}", key=where)
+    return text
+
+
+def _finish_smtp(
+    source: _Source,
+    where: str,
+    values: dict[str, Any],
+    entries: Mapping[str, tuple[yaml.Node, yaml.Node]],
+) -> None:
+    if "address" not in values:
+        source.note(_section_node(entries), "needs address", key=_join(where, "address"))
+        return
+    auth: SmtpAuthConfig | None = values.get("auth")
+    tls = values.get("tls", TLSMode.STARTTLS)
+    if auth is not None and tls is TLSMode.NONE and not auth.allow_plaintext:
+        source.note(
+            entries["auth"][0],
+            "would send credentials without TLS (tls: none); use tls: starttls or implicit,"
+            " or set auth.allow_plaintext: true",
+            key=_join(where, "auth"),
+        )
+
+
+SMTP_SECTION: Section[SmtpConfig] = Section(
+    build=SmtpConfig,
+    keys=MappingProxyType(
+        {
+            "address": Key(_smtp_address, _same),
+            "tls": Key(_enum_choice(TLSMode), _enum_value),
+            "tls_config": TLS_CONFIG_SECTION.key(),
+            "auth": SMTP_AUTH_SECTION.key(),
+            "helo_name": Key(_host_name, _same),
+        }
+    ),
+    finish=_finish_smtp,
+)
+
+# RFC 5321 mailbox, loosely: local@domain without spaces, brackets or control characters.
+_MAIL_ADDRESS = re.compile(r"[^\s<>@\x00-\x1f\x7f]{1,64}@[A-Za-z0-9.-]{1,253}")
+
+
+def _mail_address(source: _Source, node: yaml.Node, where: str) -> str:
+    text = source.string(node, where)
+    if not _MAIL_ADDRESS.fullmatch(text):
+        raise source.error(
+            node, f"must be an address like user@example.com, got {text!r}", key=where
+        )
+    return text
+
+
+def _finish_delivery(
+    source: _Source,
+    where: str,
+    values: dict[str, Any],
+    entries: Mapping[str, tuple[yaml.Node, yaml.Node]],
+) -> None:
+    for key, name in (("smtp", "smtp"), ("from_address", "from"), ("to", "to")):
+        if key not in values:
+            source.note(_section_node(entries), f"needs {name}", key=_join(where, name))
+
+
+DELIVERY_SECTION: Section[DeliveryConfig] = Section(
+    build=DeliveryConfig,
+    keys=MappingProxyType(
+        {
+            "smtp": SMTP_SECTION.key(),
+            "from": Key(_mail_address, _same, field="from_address"),
+            "to": Key(_mail_address, _same),
+            "poll_interval": Key(_timeout, format_duration),
+            "secret_file": Key(_non_empty_string, _same),
+        }
+    ),
+    finish=_finish_delivery,
+)
+
+
 MAILBOX_SECTION: Section[MailboxConfig] = Section(
     build=MailboxConfig,
     keys=MappingProxyType(
@@ -686,9 +870,16 @@ def _finish_module(
         values["port"] = IMPLICIT_TLS_PORT
     auth: AuthConfig | None = values.get("auth")
     if auth is None:
-        if "mailbox" in entries:
-            source.note(entries["mailbox"][0], "needs auth (a login)", key=_join(where, "mailbox"))
+        for key in ("mailbox", "delivery"):
+            if key in entries:
+                source.note(entries[key][0], "needs auth (a login)", key=_join(where, key))
         return
+    if "delivery" in entries and "mailbox" in entries:
+        source.note(
+            entries["mailbox"][0],
+            "a delivery module looks at its own messages only; leave mailbox out",
+            key=_join(where, "mailbox"),
+        )
     auth_node = entries["auth"][0]
     if values.get("tls", TLSMode.NONE) is TLSMode.NONE and not auth.allow_plaintext:
         source.note(
@@ -736,6 +927,7 @@ MODULE_SECTION: Section[Module] = Section(
             "tls_config": TLS_CONFIG_SECTION.key(),
             "auth": AUTH_SECTION.key(),
             "mailbox": MAILBOX_SECTION.key(),
+            "delivery": DELIVERY_SECTION.key(),
         }
     ),
     finish=_finish_module,
@@ -804,7 +996,25 @@ def parse_config_partial(
         lines=MappingProxyType(source.lines),
         warnings=in_file_order(source.warnings),
     )
-    return config, in_file_order(source.problems)
+    return config, in_file_order((*source.problems, *_smtp_policy_problems(config)))
+
+
+def _smtp_policy_problems(config: Config) -> list[ConfigProblem]:
+    """A delivery module's SMTP server goes through the target policy, as a /probe
+    target does: a name, port or address rule that refuses it is a problem now (an
+    address rule is checked again on the address each probe connects to)."""
+    problems = []
+    for name, module in config.modules.items():
+        if module.delivery is None:
+            continue
+        host, port, is_ip = module.delivery.smtp.endpoint()
+        try:
+            config.policy.check_target(host, port, is_ip_literal=is_ip)
+        except TargetRefusedError as exc:
+            key = f"modules.{name}.delivery.smtp.address"
+            message = f"refused by the policy: {exc}"
+            problems.append(ConfigProblem(config.source, config.lines.get(key), key, message))
+    return problems
 
 
 def parse_config(text: str, filename: str = "<string>") -> Config:

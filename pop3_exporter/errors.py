@@ -153,6 +153,40 @@ class MailboxError(ProbeError):
     session_usable = True
 
 
+class SmtpError(ProbeError):
+    """The submission server did not take the probe's message."""
+
+    reason = FailureReason.SMTP_CONNECT_ERROR
+
+
+class SmtpConnectError(SmtpError):
+    """No connection, a closed one, or a greeting that is no SMTP."""
+
+
+class SmtpTLSError(SmtpError):
+    """STARTTLS refused, or the TLS handshake (or certificate check) failed."""
+
+    reason = FailureReason.SMTP_TLS_ERROR
+
+
+class SmtpAuthError(SmtpError):
+    """The submission server refused the credentials (535, or no usable mechanism)."""
+
+    reason = FailureReason.SMTP_AUTH_FAILED
+
+
+class SmtpRejectedError(SmtpError):
+    """A 5xx answer: the sender, the recipient or the message was refused."""
+
+    reason = FailureReason.SMTP_REJECTED
+
+
+class SmtpTemporaryError(SmtpError):
+    """A 4xx answer: try again later (greylisting, a full queue, a backend down)."""
+
+    reason = FailureReason.SMTP_TEMPORARY_FAILURE
+
+
 class ConfigError(ValueError):
     """The configuration is invalid; the message names file, line and key."""
 

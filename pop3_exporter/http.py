@@ -25,6 +25,7 @@ from pop3_exporter.config import (
     format_duration,
 )
 from pop3_exporter.credentials import CredentialError
+from pop3_exporter.delivery import DeliveryRuntime
 from pop3_exporter.errors import TargetError
 from pop3_exporter.logs import fields
 from pop3_exporter.metrics import (
@@ -63,6 +64,7 @@ class Prober(Protocol):
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
         address_check: AddressCheck | None = None,
+        delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult: ...
 
 
@@ -287,6 +289,7 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             timeout,
             ssl_context=runtime.ssl_contexts.get(module.name),
             record_transcript=debug,
+            delivery=runtime.deliveries.get(module.name),
             **extra,
         )
     except TargetRefusedError as exc:

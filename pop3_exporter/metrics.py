@@ -209,6 +209,29 @@ class ProbeCollector(Collector):
                     "Date header of message 1 (unix time), when there is one.",
                     mailbox.oldest_message_timestamp,
                 )
+        delivery = result.delivery
+        if delivery is not None:
+            yield _gauge(
+                "probe_mail_delivery_success",
+                "1 if the message sent over SMTP was seen over POP3 by the deadline.",
+                float(delivery.success),
+            )
+            if delivery.seconds is not None:
+                yield _gauge(
+                    "probe_mail_delivery_seconds",
+                    "From the SMTP server accepting the message to the poll that saw it.",
+                    delivery.seconds,
+                )
+            yield _gauge(
+                "probe_mail_delivery_late_messages",
+                "Messages of earlier probes that arrived after their deadline, deleted now.",
+                float(delivery.late_messages),
+            )
+            yield _gauge(
+                "probe_mail_delivery_cleanup_failures",
+                "Messages of this exporter that it could not delete.",
+                float(delivery.cleanup_failures),
+            )
         if self._tls_mode is not TLSMode.IMPLICIT and result.plaintext_auth_exposed is not None:
             yield _gauge(
                 "probe_pop3_plaintext_auth_exposed",

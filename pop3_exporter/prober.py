@@ -14,11 +14,24 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pop3_exporter.config import IPProtocol, MailboxConfig, Module, TLSMode
 from pop3_exporter.credentials import Secret
+from pop3_exporter.delivery import (
+    DeliveryRuntime,
+    Scan,
+    Token,
+    build_message,
+    delete,
+    make_token,
+    new_probe_id,
+    scan,
+    submit,
+    wall_ms,
+)
 from pop3_exporter.errors import (
     GreetingError,
     GreetingMismatchError,
@@ -32,6 +45,7 @@ from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
     Capabilities,
+    DeliveryFacts,
     FailureReason,
     MailboxFacts,
     Phase,
@@ -71,6 +85,8 @@ _TIMEOUT_REASONS = {
     Phase.RESOLVE: FailureReason.DNS_TIMEOUT,
     Phase.CONNECT: FailureReason.CONNECT_TIMEOUT,
     Phase.GREETING: FailureReason.GREETING_TIMEOUT,
+    Phase.SMTP_CONNECT: FailureReason.SMTP_CONNECT_ERROR,
+    Phase.SMTP_TLS: FailureReason.SMTP_TLS_ERROR,
 }
 
 
@@ -118,6 +134,12 @@ class _Recorder:
         self.handshake: Handshake | None = None
         self.logged_in = False
         self.mailbox: MailboxFacts | None = None
+        # Delivery probes: when the server accepted the message (loop time), how long
+        # until a poll saw it, and what cleaning up found.
+        self.accepted_at: float | None = None
+        self.delivery_seconds: float | None = None
+        self.late_messages = 0
+        self.cleanup_failures = 0
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -155,6 +177,10 @@ class _Recorder:
             failure = Failure(exc.reason, str(exc), phase, exc.session_usable)
             if isinstance(exc, TLSHandshakeError) and exc.handshake is not None:
                 self.handshake = exc.handshake
+        elif self.accepted_at is not None:
+            # Sent and not seen by the deadline, whichever step of a poll was running.
+            detail = f"message not seen by the deadline (during {phase})"
+            failure = Failure(FailureReason.DELIVERY_TIMEOUT, detail, phase, False)
         else:
             reason = _TIMEOUT_REASONS.get(phase or Phase.RESOLVE, FailureReason.TIMEOUT)
             failure = Failure(reason, f"deadline reached during {phase or 'setup'}", phase, False)
@@ -191,6 +217,14 @@ class _Recorder:
             transcript=tuple(self.transcript or ()),
             login_success=self.logged_in if module.auth is not None else None,
             mailbox=self.mailbox,
+            delivery=DeliveryFacts(
+                success=failure is None,
+                seconds=self.delivery_seconds,
+                late_messages=self.late_messages,
+                cleanup_failures=self.cleanup_failures,
+            )
+            if module.delivery is not None
+            else None,
         )
 
 
@@ -214,6 +248,7 @@ class Pop3Prober:
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
         address_check: AddressCheck | None = None,
+        delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult:
         return await probe_pop3(
             target,
@@ -224,6 +259,7 @@ class Pop3Prober:
             record_transcript=record_transcript,
             address_check=address_check,
             cert_cache=self._cert_cache,
+            delivery=delivery,
         )
 
 
@@ -237,6 +273,7 @@ async def probe_pop3(
     record_transcript: bool = False,
     address_check: AddressCheck | None = None,
     cert_cache: ChainFactsCache | None = None,
+    delivery: DeliveryRuntime | None = None,
 ) -> ProbeResult:
     """Probe one POP3 server within `timeout_seconds` from now.
 
@@ -250,9 +287,24 @@ async def probe_pop3(
     secret = module.auth.secret() if module.auth is not None else None
     if module.uses_tls and ssl_context is None:
         ssl_context = build_ssl_context(module.tls_config)
-    failure = await _probe(
-        recorder, target, module, resolver or DnsResolver(), ssl_context, address_check, secret
-    )
+    if module.delivery is not None:
+        if delivery is None:
+            raise ValueError(f"module {module.name} needs its DeliveryRuntime")
+        assert secret is not None  # a delivery module has auth (checked at load)
+        failure = await _round_trip(
+            recorder,
+            target,
+            module,
+            resolver or DnsResolver(),
+            ssl_context,
+            address_check,
+            secret,
+            delivery,
+        )
+    else:
+        failure = await _probe(
+            recorder, target, module, resolver or DnsResolver(), ssl_context, address_check, secret
+        )
     return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
 
 
@@ -272,14 +324,7 @@ async def _probe(
                 address = await _resolve(recorder, target, module, resolver)
                 if address_check is not None:
                     address_check(address, target.port)
-                recorder.begin(Phase.CONNECT)
-                connection = await Pop3Connection.connect(
-                    address,
-                    target.port,
-                    source_address=module.source_ip_address,
-                    transcript=recorder.note if recorder.transcript is not None else None,
-                )
-                recorder.note("*", f"connected to {address} port {target.port}")
+                connection = await _connect(recorder, address, target, module)
                 await _dialogue(recorder, connection, target, module, ssl_context)
                 if secret is not None:
                     await _session(recorder, connection, target, module, secret)
@@ -293,6 +338,156 @@ async def _probe(
     finally:
         if connection is not None:
             connection.close()
+
+
+async def _round_trip(
+    recorder: _Recorder,
+    target: ProbeTarget,
+    module: Module,
+    resolver: Resolver,
+    ssl_context: ssl.SSLContext | None,
+    address_check: AddressCheck | None,
+    secret: Secret,
+    runtime: DeliveryRuntime,
+) -> Failure | None:
+    """Send a marked message over SMTP, then log in over POP3 every poll_interval until
+    it is there; delete it, and every overdue message of earlier probes found on the way.
+
+    Each poll is a POP3 session of its own (servers show mail that arrived during a
+    session only to the next one), and its QUIT commits the deletions."""
+    config = module.delivery
+    assert config is not None
+    probe_id = new_probe_id()
+    seen: set[str] = set()  # messages of other senders, looked at once
+    connection: Pop3Connection | None = None
+    found: Scan | None = None
+    try:
+        try:
+            async with asyncio.timeout_at(recorder.deadline):
+                address = await _resolve(recorder, target, module, resolver)
+                if address_check is not None:
+                    address_check(address, target.port)
+                smtp_address = await _resolve_smtp(recorder, module, resolver, runtime)
+                sent = time.time()
+                remaining = recorder.deadline - recorder.loop.time()
+                token = Token(probe_id, int(sent * 1000), int((sent + remaining) * 1000))
+                await submit(
+                    config.smtp,
+                    smtp_address,
+                    runtime.smtp_ssl_context,
+                    config.smtp.auth.password if config.smtp.auth is not None else None,
+                    config.from_address,
+                    config.to,
+                    build_message(
+                        config, make_token(runtime.key, token, config.to), probe_id, sent
+                    ),
+                    recorder.begin,
+                    recorder.note,
+                )
+                recorder.accepted_at = recorder.loop.time()
+                while True:
+                    connection = await _connect(recorder, address, target, module)
+                    found = await _poll(
+                        recorder,
+                        connection,
+                        target,
+                        module,
+                        ssl_context,
+                        secret,
+                        runtime.key,
+                        probe_id,
+                        seen,
+                    )
+                    if found.own is not None:
+                        break
+                    # Nothing of ours yet: commit the overdue deletions, wait, poll again.
+                    await _commit(recorder, connection, found)
+                    connection.close()
+                    connection = None
+                    recorder.begin(Phase.DELIVERY_WAIT)
+                    await asyncio.sleep(config.poll_interval)
+        except (ProbeError, TimeoutError) as exc:
+            failure: Failure | None = recorder.failure(exc)
+        else:
+            failure = None
+        if connection is not None and failure is None and found is not None:
+            # Outside the deadline's scope: the message was seen, whatever QUIT does.
+            await _commit(recorder, connection, found)
+        elif connection is not None and failure is not None and failure.session_usable:
+            await _quit(recorder, connection)
+        return failure
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+async def _resolve_smtp(
+    recorder: _Recorder, module: Module, resolver: Resolver, runtime: DeliveryRuntime
+) -> str:
+    """The submission server's address, checked against the target policy."""
+    assert module.delivery is not None
+    host, port, is_ip = module.delivery.smtp.endpoint()
+    recorder.begin(Phase.RESOLVE)
+    if is_ip:
+        address = host
+    else:
+        smtp_target = ProbeTarget(host, port, is_ip_literal=False)
+        _, address = _choose_address(smtp_target, module, await resolver.resolve(host))
+        recorder.note("*", f"resolved SMTP server {host} to {address}")
+    if runtime.smtp_address_check is not None:
+        runtime.smtp_address_check(address, port)
+    return address
+
+
+async def _poll(
+    recorder: _Recorder,
+    conn: Pop3Connection,
+    target: ProbeTarget,
+    module: Module,
+    ssl_context: ssl.SSLContext | None,
+    secret: Secret,
+    key: bytes,
+    probe_id: str,
+    seen: set[str],
+) -> Scan:
+    """One POP3 session up to the deletions (DELE of ours and overdue ones)."""
+    assert module.delivery is not None
+    await _dialogue(recorder, conn, target, module, ssl_context)
+    await _login(recorder, conn, target, module, secret)
+    recorder.begin(Phase.TOP)
+    found = await scan(conn, key, module.delivery.to, probe_id, seen, wall_ms)
+    if found.own is not None and recorder.accepted_at is not None:
+        recorder.delivery_seconds = recorder.loop.time() - recorder.accepted_at
+        recorder.note("*", f"message {probe_id} is there: number {found.own}")
+    doomed = [*found.late, *([found.own] if found.own is not None else [])]
+    if doomed:
+        refused = await delete(conn, doomed)
+        recorder.cleanup_failures += refused
+        found.deleted = len(doomed) - refused
+    return found
+
+
+async def _commit(recorder: _Recorder, conn: Pop3Connection, found: Scan) -> None:
+    """QUIT, which commits the deletions; without its +OK none of them happened."""
+    committed = await _quit(recorder, conn)
+    if committed:
+        recorder.late_messages += len(found.late)
+    else:
+        recorder.cleanup_failures += found.deleted
+
+
+async def _connect(
+    recorder: _Recorder, address: str, target: ProbeTarget, module: Module
+) -> Pop3Connection:
+    recorder.begin(Phase.CONNECT)
+    connection = await Pop3Connection.connect(
+        address,
+        target.port,
+        source_address=module.source_ip_address,
+        transcript=recorder.note if recorder.transcript is not None else None,
+    )
+    recorder.note("*", f"connected to {address} port {target.port}")
+    return connection
 
 
 async def _resolve(
@@ -389,6 +584,22 @@ async def _session(
     secret: Secret,
 ) -> None:
     """Log in, then look at the maildrop; raises why it failed."""
+    await _login(recorder, conn, target, module, secret)
+    mailbox = module.mailbox or MailboxConfig()
+    if not mailbox.stat:
+        return
+    recorder.begin(Phase.STAT)
+    messages, size = await stat(conn)
+    recorder.mailbox = MailboxFacts(messages=messages, size_bytes=size)
+    if mailbox.oldest_message and messages:
+        recorder.begin(Phase.TOP)
+        oldest = await oldest_message_date(conn)
+        recorder.mailbox = MailboxFacts(messages, size, oldest_message_timestamp=oldest)
+
+
+async def _login(
+    recorder: _Recorder, conn: Pop3Connection, target: ProbeTarget, module: Module, secret: Secret
+) -> None:
     auth = module.auth
     assert auth is not None
     if not conn.tls_active and not auth.allow_plaintext:
@@ -405,16 +616,6 @@ async def _session(
         target.port,
     )
     recorder.logged_in = True
-    mailbox = module.mailbox or MailboxConfig()
-    if not mailbox.stat:
-        return
-    recorder.begin(Phase.STAT)
-    messages, size = await stat(conn)
-    recorder.mailbox = MailboxFacts(messages=messages, size_bytes=size)
-    if mailbox.oldest_message and messages:
-        recorder.begin(Phase.TOP)
-        oldest = await oldest_message_date(conn)
-        recorder.mailbox = MailboxFacts(messages, size, oldest_message_timestamp=oldest)
 
 
 async def _capa(conn: Pop3Connection) -> list[str] | None:

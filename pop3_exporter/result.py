@@ -18,6 +18,11 @@ class Phase(enum.StrEnum):
     LOGIN = "login"
     STAT = "stat"
     TOP = "top"
+    SMTP_CONNECT = "smtp_connect"
+    SMTP_TLS = "smtp_tls"
+    SMTP_AUTH = "smtp_auth"
+    SMTP_SEND = "smtp_send"
+    DELIVERY_WAIT = "delivery_wait"
     QUIT = "quit"
 
 
@@ -45,6 +50,12 @@ class FailureReason(enum.StrEnum):
     MAILBOX_IN_USE = "mailbox_in_use"
     LOGIN_DELAY = "login_delay"
     MAILBOX_ERROR = "mailbox_error"
+    SMTP_CONNECT_ERROR = "smtp_connect_error"
+    SMTP_TLS_ERROR = "smtp_tls_error"
+    SMTP_AUTH_FAILED = "smtp_auth_failed"
+    SMTP_REJECTED = "smtp_rejected"
+    SMTP_TEMPORARY_FAILURE = "smtp_temporary_failure"
+    DELIVERY_TIMEOUT = "delivery_timeout"
     PROTOCOL_ERROR = "protocol_error"
     TIMEOUT = "timeout"
 
@@ -141,6 +152,19 @@ class MailboxFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class DeliveryFacts:
+    """What a delivery round trip found."""
+
+    success: bool
+    # From the server accepting the message to the poll that saw it; None if unseen.
+    seconds: float | None
+    # Earlier probes' messages that arrived after their deadline, found and deleted.
+    late_messages: int
+    # This exporter's messages (this probe's or late ones) it could not delete.
+    cleanup_failures: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """Everything the probe learned. Built once at the end of a probe, never mutated."""
 
@@ -169,3 +193,4 @@ class ProbeResult:
     # None when the module does not log in; else whether the login succeeded.
     login_success: bool | None = None
     mailbox: MailboxFacts | None = None
+    delivery: DeliveryFacts | None = None

@@ -3,11 +3,14 @@ once, and replaced whole on a reload."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from types import MappingProxyType
 
 from pop3_exporter.config import (
@@ -15,10 +18,12 @@ from pop3_exporter.config import (
     ConfigProblem,
     InvalidConfigError,
     TLSConfig,
+    TLSMode,
     default_config,
     in_file_order,
     load_config_partial,
 )
+from pop3_exporter.delivery import DeliveryKeyError, DeliveryRuntime, key_path, load_key
 from pop3_exporter.errors import ConfigError
 from pop3_exporter.logs import fields
 from pop3_exporter.metrics import ExporterMetrics
@@ -30,34 +35,103 @@ logger = logging.getLogger("pop3_exporter")
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
-    """A loaded configuration with what is built from it once (TLS contexts)."""
+    """A loaded configuration with what is built from it once (TLS contexts, the keys
+    and SMTP contexts of delivery modules)."""
 
     config: Config
     ssl_contexts: Mapping[str, ssl.SSLContext]
+    deliveries: Mapping[str, DeliveryRuntime] = field(default_factory=lambda: MappingProxyType({}))
 
 
-def build_runtime(config: Config) -> Runtime:
-    """Build the TLS contexts; raises InvalidConfigError naming every file that does
-    not load, with the line and key path of the key that names it."""
+def build_runtime(
+    config: Config, state_directory: Path | None = None, *, create_keys: bool = True
+) -> Runtime:
+    """Build the TLS contexts and delivery keys; raises InvalidConfigError naming every
+    file that does not load, with the line and key path of the key that names it."""
     contexts, problems = _build_contexts(config)
-    if problems:
-        raise InvalidConfigError(problems)
-    return Runtime(config=config, ssl_contexts=MappingProxyType(contexts))
+    deliveries, delivery_problems = _build_deliveries(config, state_directory, create_keys)
+    if problems or delivery_problems:
+        raise InvalidConfigError(in_file_order((*problems, *delivery_problems)))
+    return Runtime(
+        config=config,
+        ssl_contexts=MappingProxyType(contexts),
+        deliveries=MappingProxyType(deliveries),
+    )
 
 
-def load_runtime(path: str | None) -> Runtime:
+def load_runtime(
+    path: str | None, state_directory: Path | None = None, *, create_keys: bool = True
+) -> Runtime:
     """Read, parse and build the configuration file (the built-in modules without one);
     raises InvalidConfigError with every problem found, in the file and in the files
-    it names, in one go."""
+    it names, in one go. `create_keys: False` (--config.check) makes no key file."""
     if path is None:
         return build_runtime(default_config())
     config, problems = load_config_partial(path)
     # The modules that parsed are built even when others did not: their certificate
     # problems are reported in the same run.
-    contexts, context_problems = _build_contexts(config)
-    if problems or context_problems:
-        raise InvalidConfigError(in_file_order((*problems, *context_problems)))
-    return Runtime(config=config, ssl_contexts=MappingProxyType(contexts))
+    try:
+        runtime = build_runtime(config, state_directory, create_keys=create_keys)
+    except InvalidConfigError as exc:
+        raise InvalidConfigError(in_file_order((*problems, *exc.problems))) from None
+    if problems:
+        raise InvalidConfigError(problems)
+    return runtime
+
+
+def _build_deliveries(
+    config: Config, state_directory: Path | None, create_keys: bool
+) -> tuple[dict[str, DeliveryRuntime], list[ConfigProblem]]:
+    deliveries: dict[str, DeliveryRuntime] = {}
+    problems: list[ConfigProblem] = []
+    policy = config.policy
+    for name, module in config.modules.items():
+        delivery = module.delivery
+        if delivery is None:
+            continue
+        where = f"modules.{name}.delivery"
+        smtp = delivery.smtp
+        context = None
+        if smtp.tls is not TLSMode.NONE:
+            try:
+                context = build_ssl_context(smtp.tls_config)
+            except ConfigError as exc:
+                problems.append(_problem(config, f"{where}.smtp.tls_config", str(exc)))
+                continue
+        if delivery.secret_file is None and state_directory is None:
+            message = "needs secret_file, or the exporter's --state.directory"
+            problems.append(_problem(config, where, message))
+            continue
+        path = key_path(delivery, state_directory or Path("."))
+        try:
+            key = load_key(path, create=create_keys) if create_keys or path.exists() else b""
+        except DeliveryKeyError as exc:
+            problems.append(_problem(config, f"{where}.secret_file", str(exc)))
+            continue
+        if not key and not os.access(path.parent, os.W_OK):
+            message = f"{path} does not exist and its directory is not writable"
+            problems.append(_problem(config, f"{where}.secret_file", message))
+            continue
+        host, _, _ = smtp.endpoint()
+        check = functools.partial(policy.check_address, host) if policy.uses_addresses else None
+        deliveries[name] = DeliveryRuntime(
+            key=key, smtp_ssl_context=context, smtp_address_check=check
+        )
+    return deliveries, problems
+
+
+def _problem(config: Config, key: str, message: str) -> ConfigProblem:
+    """A problem at `key`, on the line of the nearest key of its path that has one."""
+    parts = key.split(".")
+    line = next(
+        (
+            config.lines[p]
+            for p in (".".join(parts[:n]) for n in range(len(parts), 0, -1))
+            if p in config.lines
+        ),
+        None,
+    )
+    return ConfigProblem(config.source, line, key, message)
 
 
 def _build_contexts(config: Config) -> tuple[dict[str, ssl.SSLContext], list[ConfigProblem]]:
@@ -154,10 +228,13 @@ def log_problems(problems: tuple[ConfigProblem, ...]) -> None:
 class ConfigHolder:
     """The current runtime; replaced whole on a successful reload, kept on a failed one."""
 
-    def __init__(self, path: str | None, metrics: ExporterMetrics) -> None:
+    def __init__(
+        self, path: str | None, metrics: ExporterMetrics, state_directory: Path | None = None
+    ) -> None:
         self.path = path
         self.metrics = metrics
-        self.runtime = load_runtime(path)
+        self.state_directory = state_directory
+        self.runtime = load_runtime(path, state_directory)
         log_warnings(self.runtime.config)
         self._mark(success=True)
 
@@ -170,7 +247,7 @@ class ConfigHolder:
         """Reload from disk; returns None on success, else every reason it was refused
         (one per line)."""
         try:
-            runtime = load_runtime(self.path)
+            runtime = load_runtime(self.path, self.state_directory)
         except InvalidConfigError as exc:
             self._mark(success=False)
             log_problems(exc.problems)

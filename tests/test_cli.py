@@ -18,9 +18,12 @@ from pathlib import Path
 import pytest
 
 from pop3_exporter.cli import DEFAULT_LISTEN_ADDRESS, parse_listen_address
+from pop3_exporter.config import MODULE_SECTION
 from tests.support.certs import make_client_certificate
 from tests.support.exposition import parse_samples, value
 from tests.support.logs import find, parse_json_lines, parse_logfmt
+
+MODULE_KEYS = ", ".join(sorted(MODULE_SECTION.keys))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -69,9 +72,7 @@ def test_config_check_reports_every_problem_one_per_line(tmp_path: Path) -> None
     assert completed.stdout == ""
     assert completed.stderr.splitlines() == [
         f"{path}:3: modules.extra.timeout: not a duration: '5' (use e.g. 10s, 1m30s, 500ms)",
-        f"{path}:4: modules.extra.retries: unknown key (known: auth, expect_greeting,"
-        " ip_protocol_fallback, mailbox, port, preferred_ip_protocol, query_capabilities,"
-        " source_ip_address, timeout, tls, tls_config)",
+        f"{path}:4: modules.extra.retries: unknown key (known: {MODULE_KEYS})",
         f"{path}:8: modules.pop3s_internal.tls_config.ca_file: cannot load certificates:"
         f" [Errno 2] No such file or directory: '{missing}'",
         f"{path}:10: policy.default: must be allow or deny, got 'maybe'",

@@ -15,17 +15,23 @@ from hypothesis import strategies as st
 
 from pop3_exporter.config import (
     AUTH_SECTION,
+    DELIVERY_SECTION,
     MAILBOX_SECTION,
     MODULE_SECTION,
+    SMTP_AUTH_SECTION,
+    SMTP_SECTION,
     TLS_CONFIG_SECTION,
     TOP_LEVEL_KEYS,
     AuthConfig,
     Config,
     ConfigProblem,
+    DeliveryConfig,
     InvalidConfigError,
     IPProtocol,
     MailboxConfig,
     Module,
+    SmtpAuthConfig,
+    SmtpConfig,
     TLSConfig,
     TLSMode,
     builtin_modules,
@@ -34,6 +40,7 @@ from pop3_exporter.config import (
     load_config,
     module_to_mapping,
     parse_config,
+    parse_config_partial,
     parse_duration,
 )
 from pop3_exporter.errors import ConfigError
@@ -173,9 +180,7 @@ def test_format_duration_reads_back_exactly(seconds: float) -> None:
 INVALID = [
     (
         "modules:\n  a:\n    tsl: none\n",
-        "bad.yml:3: modules.a.tsl: unknown key (known: auth, expect_greeting,"
-        " ip_protocol_fallback, mailbox, port, preferred_ip_protocol, query_capabilities,"
-        " source_ip_address, timeout, tls, tls_config)",
+        f"bad.yml:3: modules.a.tsl: unknown key (known: {', '.join(sorted(MODULE_SECTION.keys))})",
     ),
     ("module:\n  a: {}\n", "bad.yml:1: module: unknown key (known: modules, policy)"),
     (
@@ -353,6 +358,10 @@ def test_every_field_has_a_key_and_every_key_a_field() -> None:
     assert set(AUTH_SECTION.keys) == _field_names(AuthConfig) - AUTH_SECTION.given
     assert AUTH_SECTION.given == {"password"}  # read from the file or variable named
     assert set(MAILBOX_SECTION.keys) == _field_names(MailboxConfig)
+    assert DELIVERY_SECTION.fields() == _field_names(DeliveryConfig)
+    assert "from" in DELIVERY_SECTION.keys  # the YAML key for the field from_address
+    assert SMTP_SECTION.fields() == _field_names(SmtpConfig)
+    assert SMTP_AUTH_SECTION.fields() == _field_names(SmtpAuthConfig) - SMTP_AUTH_SECTION.given
     assert set(TOP_LEVEL_KEYS) == _field_names(Config) - {"source", "lines", "warnings"}
 
 
@@ -420,8 +429,9 @@ def test_module_with_every_key_round_trips(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("POP3_EXPORTER_TEST_PASSWORD", "not in any output")
     module = parse_config(EVERY_KEY, "every.yml").modules["everything"]
     mapping = module_to_mapping(module)
-    # Every key of the table is written when set, and the nested sections too.
-    assert set(mapping) == set(MODULE_SECTION.keys)
+    # Every key of the table is written when set, and the nested sections too (delivery,
+    # which excludes mailbox, in the test below).
+    assert set(mapping) == set(MODULE_SECTION.keys) - {"delivery"}
     assert isinstance(mapping["tls_config"], dict)
     assert set(mapping["tls_config"]) == set(TLS_CONFIG_SECTION.keys)
     assert isinstance(mapping["auth"], dict)
@@ -547,3 +557,93 @@ def test_runtime_loads_client_certificate(pki: TestPKI) -> None:
     )
     runtime = build_runtime(parse_config(text, "mtls.yml"))
     assert "mtls" in runtime.ssl_contexts
+
+
+DELIVERY_EVERY_KEY = r"""
+modules:
+  loop:
+    tls: implicit
+    timeout: 1m
+    auth: {username: loop@example.com, password_env: POP3_EXPORTER_TEST_PASSWORD}
+    delivery:
+      smtp:
+        address: smtp.example.com:587
+        tls: starttls
+        tls_config: {server_name: smtp.example.com, min_version: TLS12}
+        auth:
+          username: loop@example.com
+          password_env: POP3_EXPORTER_TEST_PASSWORD
+          allow_plaintext: false
+        helo_name: probe.example.com
+      from: loop@example.com
+      to: loop@example.com
+      poll_interval: 1500ms
+      secret_file: /var/lib/pop3_exporter/delivery.key
+"""
+
+
+def test_delivery_module_with_every_key_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POP3_EXPORTER_TEST_PASSWORD", "never shown")
+    module = parse_config(DELIVERY_EVERY_KEY, "loop.yml").modules["loop"]
+    assert module.delivery is not None
+    assert module.delivery.from_address == "loop@example.com"
+    assert module.delivery.smtp.endpoint() == ("smtp.example.com", 587, False)
+    mapping = module_to_mapping(module)
+    delivery = mapping["delivery"]
+    assert isinstance(delivery, dict)
+    assert set(delivery) == set(DELIVERY_SECTION.keys)
+    assert set(delivery["smtp"]) == set(SMTP_SECTION.keys)
+    assert "never shown" not in repr(mapping)
+    assert _round_trip(module) == module
+
+
+@pytest.mark.parametrize(
+    ("delivery", "expected"),
+    [
+        (
+            "{smtp: {address: smtp.example.com}, from: a@example.com, to: a@example.com}",
+            "modules.loop.delivery.smtp.address: must be HOST:PORT, got 'smtp.example.com'",
+        ),
+        (
+            "{smtp: {address: 'smtp.example.com:25'}, from: nobody, to: a@example.com}",
+            "modules.loop.delivery.from: must be an address like user@example.com",
+        ),
+        (
+            "{smtp: {address: 'smtp.example.com:25'}, to: a@example.com}",
+            "modules.loop.delivery.from: needs from",
+        ),
+        (
+            "{smtp: {address: 'smtp.example.com:25', tls: none, auth: {username: u,"
+            " password_env: POP3_EXPORTER_TEST_PASSWORD}}, from: a@example.com, to: a@example.com}",
+            "modules.loop.delivery.smtp.auth: would send credentials without TLS",
+        ),
+    ],
+)
+def test_delivery_problems_name_their_key(
+    delivery: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_EXPORTER_TEST_PASSWORD", "never shown")
+    text = (
+        "modules:\n  loop:\n    tls: implicit\n"
+        "    auth: {username: u, password_env: POP3_EXPORTER_TEST_PASSWORD}\n"
+        f"    delivery: {delivery}\n"
+    )
+    _, problems = parse_config_partial(text, "loop.yml")
+    assert len(problems) == 1 and expected in str(problems[0]), problems
+
+
+def test_a_delivery_smtp_server_the_policy_refuses_is_a_problem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POP3_EXPORTER_TEST_PASSWORD", "never shown")
+    text = (
+        "policy: {deny: [{host: 'smtp.internal.example'}]}\n"
+        "modules:\n  loop:\n    tls: implicit\n"
+        "    auth: {username: u, password_env: POP3_EXPORTER_TEST_PASSWORD}\n"
+        "    delivery:\n"
+        "      smtp: {address: 'smtp.internal.example:587'}\n"
+        "      from: a@example.com\n      to: a@example.com\n"
+    )
+    _, problems = parse_config_partial(text, "loop.yml")
+    (problem,) = problems
+    assert str(problem).startswith("loop.yml:7: modules.loop.delivery.smtp.address: refused by")

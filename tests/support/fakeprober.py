@@ -7,6 +7,7 @@ import ssl
 from dataclasses import dataclass
 
 from pop3_exporter.config import Module
+from pop3_exporter.delivery import DeliveryRuntime
 from pop3_exporter.prober import AddressCheck
 from pop3_exporter.result import Capabilities, FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
@@ -78,6 +79,7 @@ class FakeProber:
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
         address_check: AddressCheck | None = None,
+        delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult:
         self.calls.append(Call(target, module, address_check, timeout_seconds))
         if address_check is not None:

@@ -9,6 +9,7 @@ from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
     Capabilities,
     CertFacts,
+    DeliveryFacts,
     FailureReason,
     MailboxFacts,
     Phase,
@@ -106,5 +107,13 @@ probe_results = st.builds(
         messages=st.integers(0, 10**15),
         size_bytes=st.integers(0, 10**15),
         oldest_message_timestamp=st.none() | _floats,
+    ),
+    delivery=st.none()
+    | st.builds(
+        DeliveryFacts,
+        success=st.booleans(),
+        seconds=st.none() | _floats,
+        late_messages=st.integers(0, 10**6),
+        cleanup_failures=st.integers(0, 10**6),
     ),
 )
