@@ -1,0 +1,203 @@
+"""The probe history of the landing page: the last probes, each with what its debug
+report is rendered from, in memory bounded by count and by bytes.
+
+An entry keeps the probe's immutable ProbeResult (with the transcript the prober
+recorded) and the Module it ran with, not the rendered report: rendering a report
+costs more CPU than a whole plain probe, and most reports are never opened. The report
+is rendered when it is viewed, with the probe's own end time, so it is the text that
+``/probe?debug=true`` returned (or would have returned) for that probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import sys
+from collections import deque
+from dataclasses import dataclass
+
+from pop3_exporter.config import Module
+from pop3_exporter.result import CertFacts, FailureReason, ProbeResult, TranscriptLine
+
+DEFAULT_HISTORY_LIMIT = 100
+# One entry's result may take this much memory; a longer transcript is cut to fit. A
+# plain probe's result takes about 3 KiB, a TLS probe's about 6 KiB, while the
+# prober's own caps (1000 lines, 64 Ki characters) let one transcript reach about
+# 250 KiB.
+DEFAULT_MAX_ENTRY_BYTES = 64 * 1024
+# All entries together; with the default limit of 100 this only binds when many
+# transcripts are long. The oldest entries go first.
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+
+# An upper bound on a ProbeResult's fixed-size parts: the object, its floats and small
+# tuples (phase durations), capabilities, mailbox and delivery facts. Strings and
+# transcript lines, which vary, are counted one by one (result_bytes).
+_RESULT_FIXED_BYTES = 4096
+# A HistoryEntry and its place in the deque and the id index.
+_ENTRY_FIXED_BYTES = 512
+# A TranscriptLine besides its text: the object, its float offset, the tuple's slot.
+_LINE_FIXED_BYTES = sys.getsizeof(TranscriptLine(0.0, "C", "")) + sys.getsizeof(0.5) + 8
+_CERT_FIXED_BYTES = sys.getsizeof(CertFacts("", "", "", "", (), 0.0, 0.0)) + 2 * 24 + 64
+
+
+def _text_bytes(text: str | None) -> int:
+    return 0 if text is None else sys.getsizeof(text)
+
+
+def _cert_bytes(cert: CertFacts) -> int:
+    return (
+        _CERT_FIXED_BYTES
+        + _text_bytes(cert.subject)
+        + _text_bytes(cert.issuer)
+        + _text_bytes(cert.serial_number)
+        + _text_bytes(cert.fingerprint_sha256)
+        + sys.getsizeof(cert.subject_alternative_names)
+        + sum(_text_bytes(name) for name in cert.subject_alternative_names)
+    )
+
+
+def transcript_bytes(transcript: tuple[TranscriptLine, ...]) -> int:
+    return sys.getsizeof(transcript) + sum(
+        _LINE_FIXED_BYTES + sys.getsizeof(line.text) for line in transcript
+    )
+
+
+def result_bytes(result: ProbeResult) -> int:
+    """An upper bound on the memory ``result`` holds (tests compare it with the real
+    size). Certificate facts are shared between probes of one chain, yet counted for
+    each: an upper bound needs no bookkeeping."""
+    size = _RESULT_FIXED_BYTES + transcript_bytes(result.transcript)
+    for text in (result.target, result.failure_detail, result.address, result.greeting):
+        size += _text_bytes(text)
+    if result.capabilities is not None:
+        size += sum(_text_bytes(name) for name in result.capabilities.sasl_mechanisms)
+    tls = result.tls
+    if tls is not None:
+        size += _text_bytes(tls.verify_error) + _text_bytes(tls.version) + _text_bytes(tls.cipher)
+        size += sum(_cert_bytes(cert) for cert in tls.presented_chain + tls.verified_chain)
+    return size
+
+
+def _cut_note(kept: int, total: int) -> str:
+    return f"transcript cut to {kept} of {total} lines for the probe history"
+
+
+def _fit(result: ProbeResult, max_bytes: int) -> tuple[ProbeResult | None, int]:
+    """``result`` and its size, or a copy with the transcript cut (its first lines and
+    a note) to fit ``max_bytes``; (None, 0) when even the rest of the result is over."""
+    size = result_bytes(result)
+    if size <= max_bytes:
+        return result, size
+    lines = result.transcript
+    rest = size - transcript_bytes(lines)
+    note_bytes = _LINE_FIXED_BYTES + sys.getsizeof(_cut_note(len(lines), len(lines)))
+    budget = max_bytes - rest - sys.getsizeof(()) - note_bytes
+    if budget < 0:
+        return None, 0
+    kept = 0
+    for line in lines:
+        budget -= _LINE_FIXED_BYTES + sys.getsizeof(line.text)
+        if budget < 0:
+            break
+        kept += 1
+    note = TranscriptLine(lines[-1].offset_seconds, "!", _cut_note(kept, len(lines)))
+    cut = dataclasses.replace(result, transcript=(*lines[:kept], note))
+    return cut, result_bytes(cut)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One probe of the history: its table row, and what its report is rendered from."""
+
+    id: int
+    finished: float  # unix seconds
+    target: str
+    module_name: str
+    success: bool
+    failure_reason: FailureReason | None
+    failure_detail: str | None
+    duration_seconds: float
+    # None when the result alone was over the per-entry byte bound; the row stays.
+    result: ProbeResult | None
+    # The module as it was when the probe ran: a reload later does not change it.
+    module: Module
+    size_bytes: int
+
+    @property
+    def started(self) -> float:
+        return self.finished - self.duration_seconds
+
+
+class ProbeHistory:
+    """The last ``limit`` probes (0: none, and no transcript recorded for it), at most
+    ``max_bytes`` together and ``max_entry_bytes`` each; oldest dropped first.
+
+    One per application (created by http.create_app); entries are immutable, ids count
+    up from 1 and are never reused.
+    """
+
+    def __init__(
+        self,
+        limit: int = DEFAULT_HISTORY_LIMIT,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+    ) -> None:
+        if limit < 0:
+            raise ValueError(f"history limit must be >= 0, not {limit}")
+        if not 0 < max_entry_bytes <= max_bytes:
+            raise ValueError(
+                f"need 0 < max_entry_bytes ({max_entry_bytes}) <= max_bytes ({max_bytes})"
+            )
+        self.limit = limit
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_entry_bytes
+        self.size_bytes = 0
+        self._entries: deque[HistoryEntry] = deque()
+        self._by_id: dict[int, HistoryEntry] = {}
+        self._ids = itertools.count(1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.limit > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, result: ProbeResult, module: Module, finished: float) -> HistoryEntry | None:
+        """Keep this probe (None when the history is off); ``finished`` is the wall
+        clock time the probe ended."""
+        if not self.enabled:
+            return None
+        kept, size = _fit(result, self.max_entry_bytes - _ENTRY_FIXED_BYTES)
+        # Without a result, the row's own strings are all that the entry holds.
+        row_bytes = _text_bytes(result.target) + _text_bytes(result.failure_detail)
+        entry = HistoryEntry(
+            id=next(self._ids),
+            finished=finished,
+            target=result.target,
+            module_name=result.module_name,
+            success=result.success,
+            failure_reason=result.failure_reason,
+            failure_detail=result.failure_detail,
+            duration_seconds=result.duration_seconds,
+            result=kept,
+            module=module,
+            # Without a result, its row's strings are all the entry holds.
+            size_bytes=_ENTRY_FIXED_BYTES + (size if kept is not None else row_bytes),
+        )
+        self._entries.append(entry)
+        self._by_id[entry.id] = entry
+        self.size_bytes += entry.size_bytes
+        # The new entry always stays: it is within max_entry_bytes <= max_bytes.
+        while len(self._entries) > self.limit or self.size_bytes > self.max_bytes:
+            old = self._entries.popleft()
+            del self._by_id[old.id]
+            self.size_bytes -= old.size_bytes
+        return entry
+
+    def get(self, entry_id: int) -> HistoryEntry | None:
+        return self._by_id.get(entry_id)
+
+    def newest_first(self) -> list[HistoryEntry]:
+        return list(reversed(self._entries))
