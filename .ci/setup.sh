@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # nsd, unbound, bind9-utils: the DNS tests' authoritative server, validating resolver
-# and zone signing (tests/support/dns.py).
+# and zone signing (tests/support/dns.py). chromium: the headless browser that loads
+# the landing page (tests/test_history_browser.py, driven over the DevTools protocol).
 packages=(dovecot-pop3d prometheus prometheus-alertmanager prometheus-blackbox-exporter openssl python3-venv
-    nsd unbound bind9-utils)
+    nsd unbound bind9-utils chromium)
 missing=()
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

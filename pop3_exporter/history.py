@@ -20,10 +20,10 @@ from pop3_exporter.config import Module
 from pop3_exporter.result import CertFacts, FailureReason, ProbeResult, TranscriptLine
 
 DEFAULT_HISTORY_LIMIT = 100
-# One entry's result may take this much memory; a longer transcript is cut to fit. A
-# plain probe's result takes about 3 KiB, a TLS probe's about 6 KiB, while the
-# prober's own caps (1000 lines, 64 Ki characters) let one transcript reach about
-# 250 KiB.
+# One entry may take this much memory; a longer transcript is cut to fit. Against a
+# real Dovecot a plain probe's entry counts about 7 KiB, a TLS probe's 11-13 KiB,
+# while the prober's own caps (1000 lines, 64 Ki characters) let one transcript reach
+# about 200 KiB.
 DEFAULT_MAX_ENTRY_BYTES = 64 * 1024
 # All entries together; with the default limit of 100 this only binds when many
 # transcripts are long. The oldest entries go first.
@@ -35,31 +35,44 @@ DEFAULT_MAX_BYTES = 4 * 1024 * 1024
 _RESULT_FIXED_BYTES = 4096
 # A HistoryEntry and its place in the deque and the id index.
 _ENTRY_FIXED_BYTES = 512
+# A str of n characters takes _ASCII_STR_BYTES + n when all are ASCII, at most
+# _WIDE_STR_BYTES + 4n otherwise. (len() and isascii() cost next to nothing; calling
+# sys.getsizeof for every line would cost more than recording the transcript.)
+_ASCII_STR_BYTES = sys.getsizeof("")
+_WIDE_STR_BYTES = sys.getsizeof("\U0001f600") - 4
 # A TranscriptLine besides its text: the object, its float offset, the tuple's slot.
 _LINE_FIXED_BYTES = sys.getsizeof(TranscriptLine(0.0, "C", "")) + sys.getsizeof(0.5) + 8
 _CERT_FIXED_BYTES = sys.getsizeof(CertFacts("", "", "", "", (), 0.0, 0.0)) + 2 * 24 + 64
 
 
 def _text_bytes(text: str | None) -> int:
-    return 0 if text is None else sys.getsizeof(text)
+    if text is None:
+        return 0
+    if text.isascii():
+        return _ASCII_STR_BYTES + len(text)
+    return _WIDE_STR_BYTES + 4 * len(text)
 
 
 def _cert_bytes(cert: CertFacts) -> int:
+    names = cert.subject_alternative_names
     return (
         _CERT_FIXED_BYTES
         + _text_bytes(cert.subject)
         + _text_bytes(cert.issuer)
         + _text_bytes(cert.serial_number)
         + _text_bytes(cert.fingerprint_sha256)
-        + sys.getsizeof(cert.subject_alternative_names)
-        + sum(_text_bytes(name) for name in cert.subject_alternative_names)
+        + sys.getsizeof(names)
+        + sum(_text_bytes(name) for name in names)
     )
+
+
+def _line_bytes(line: TranscriptLine) -> int:
+    return _LINE_FIXED_BYTES + _text_bytes(line.text)
 
 
 def transcript_bytes(transcript: tuple[TranscriptLine, ...]) -> int:
-    return sys.getsizeof(transcript) + sum(
-        _LINE_FIXED_BYTES + sys.getsizeof(line.text) for line in transcript
-    )
+    # The tuple's slots are in _LINE_FIXED_BYTES.
+    return sys.getsizeof(()) + sum(_line_bytes(line) for line in transcript)
 
 
 def result_bytes(result: ProbeResult) -> int:
@@ -96,7 +109,7 @@ def _fit(result: ProbeResult, max_bytes: int) -> tuple[ProbeResult | None, int]:
         return None, 0
     kept = 0
     for line in lines:
-        budget -= _LINE_FIXED_BYTES + sys.getsizeof(line.text)
+        budget -= _line_bytes(line)
         if budget < 0:
             break
         kept += 1
