@@ -40,6 +40,14 @@ _ENTRY_FIXED_BYTES = 512
 # sys.getsizeof for every line would cost more than recording the transcript.)
 _ASCII_STR_BYTES = sys.getsizeof("")
 _WIDE_STR_BYTES = sys.getsizeof("\U0001f600") - 4
+# The table shows this much of a failure detail (details quote servers only in part,
+# and nothing else caps them).
+MAX_ROW_DETAIL_CHARS = 1024
+# What a row's own strings may take besides the result: its target (ASCII, at most
+# 300 characters plus brackets and port) and a cut detail.
+_MAX_ROW_BYTES = _ASCII_STR_BYTES + 320 + _WIDE_STR_BYTES + 4 * (MAX_ROW_DETAIL_CHARS + 3)
+# The smallest per-entry bound: room for a row whose result is not kept.
+MIN_ENTRY_BYTES = _ENTRY_FIXED_BYTES + _MAX_ROW_BYTES
 # A TranscriptLine besides its text: the object, its float offset, the tuple's slot.
 _LINE_FIXED_BYTES = sys.getsizeof(TranscriptLine(0.0, "C", "")) + sys.getsizeof(0.5) + 8
 _CERT_FIXED_BYTES = sys.getsizeof(CertFacts("", "", "", "", (), 0.0, 0.0)) + 2 * 24 + 64
@@ -158,9 +166,10 @@ class ProbeHistory:
     ) -> None:
         if limit < 0:
             raise ValueError(f"history limit must be >= 0, not {limit}")
-        if not 0 < max_entry_bytes <= max_bytes:
+        if not MIN_ENTRY_BYTES <= max_entry_bytes <= max_bytes:
             raise ValueError(
-                f"need 0 < max_entry_bytes ({max_entry_bytes}) <= max_bytes ({max_bytes})"
+                f"need {MIN_ENTRY_BYTES} <= max_entry_bytes ({max_entry_bytes})"
+                f" <= max_bytes ({max_bytes})"
             )
         self.limit = limit
         self.max_bytes = max_bytes
@@ -182,9 +191,16 @@ class ProbeHistory:
         clock time the probe ended."""
         if not self.enabled:
             return None
-        kept, size = _fit(result, self.max_entry_bytes - _ENTRY_FIXED_BYTES)
-        # Without a result, the row's own strings are all that the entry holds.
-        row_bytes = _text_bytes(result.target) + _text_bytes(result.failure_detail)
+        kept, size = _fit(result, self.max_entry_bytes - _ENTRY_FIXED_BYTES - _MAX_ROW_BYTES)
+        detail = result.failure_detail
+        if detail is not None and len(detail) > MAX_ROW_DETAIL_CHARS:
+            detail = detail[:MAX_ROW_DETAIL_CHARS] + "..."
+        size += _ENTRY_FIXED_BYTES
+        if kept is None:
+            # Then the row's strings are all that the entry holds.
+            size += _text_bytes(result.target) + _text_bytes(detail)
+        elif detail is not result.failure_detail:
+            size += _text_bytes(detail)
         entry = HistoryEntry(
             id=next(self._ids),
             finished=finished,
@@ -192,12 +208,11 @@ class ProbeHistory:
             module_name=result.module_name,
             success=result.success,
             failure_reason=result.failure_reason,
-            failure_detail=result.failure_detail,
+            failure_detail=detail,
             duration_seconds=result.duration_seconds,
             result=kept,
             module=module,
-            # Without a result, its row's strings are all the entry holds.
-            size_bytes=_ENTRY_FIXED_BYTES + (size if kept is not None else row_bytes),
+            size_bytes=size,
         )
         self._entries.append(entry)
         self._by_id[entry.id] = entry

@@ -22,7 +22,12 @@ from hypothesis import strategies as st
 
 from pop3_exporter.config import Module, builtin_modules
 from pop3_exporter.delivery import DeliveryRuntime
-from pop3_exporter.history import ProbeHistory, result_bytes
+from pop3_exporter.history import (
+    MAX_ROW_DETAIL_CHARS,
+    MIN_ENTRY_BYTES,
+    ProbeHistory,
+    result_bytes,
+)
 from pop3_exporter.http import HISTORY_KEY, Settings, create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.prober import AddressCheck, Pop3Prober
@@ -158,6 +163,17 @@ def test_result_over_the_entry_bound_without_transcript_keeps_only_the_row() -> 
     assert entry.size_bytes < 2_000
 
 
+def test_long_failure_detail_is_cut_in_the_row() -> None:
+    history = ProbeHistory(10, max_bytes=1_000_000, max_entry_bytes=MIN_ENTRY_BYTES)
+    detail = "ü" * 20_000
+    huge = result(lines=5, tls=tls_facts(san_count=200), success=False, failure_detail=detail)
+    entry = history.add(huge, MODULE, 1000.0)
+    assert entry is not None and entry.result is None
+    assert entry.failure_detail == "ü" * MAX_ROW_DETAIL_CHARS + "..."
+    assert entry.size_bytes <= MIN_ENTRY_BYTES
+    assert deep_size(entry) - deep_size(entry.module) <= entry.size_bytes
+
+
 def test_limit_zero_keeps_nothing() -> None:
     history = ProbeHistory(0)
     assert not history.enabled
@@ -167,7 +183,11 @@ def test_limit_zero_keeps_nothing() -> None:
 
 @pytest.mark.parametrize(
     ("limit", "max_bytes", "max_entry_bytes"),
-    [(-1, 100, 10), (1, 100, 0), (1, 100, 101)],
+    [
+        (-1, 100_000, 10_000),
+        (1, 100_000, MIN_ENTRY_BYTES - 1),
+        (1, 100_000, 100_001),
+    ],
 )
 def test_bad_bounds_are_refused(limit: int, max_bytes: int, max_entry_bytes: int) -> None:
     with pytest.raises(ValueError, match=r"must be|need"):
