@@ -41,7 +41,7 @@ readonly STANDIN_LABEL=org.pop3-exporter.stand-in
 # docs/container.md too, when a dependency really needs the room.
 readonly EXPORTER_BUDGET_MB=80
 readonly DEMO_BUDGET_MB=80
-# The ports the images' HEALTHCHECKs use (they are fixed in the Dockerfiles).
+# Fixed by the images: their HEALTHCHECKs ask 10110 and 110; the demo has POP3S on 995.
 readonly EXPORTER_PORT=10110
 readonly POP3_PORT=110
 readonly POP3S_PORT=995
@@ -60,7 +60,9 @@ trap 'printf "build-and-test: FAIL: line %s: %s\n" "$LINENO" "$BASH_COMMAND" >&2
 [[ $(id -u) -eq 0 ]] || fail "run as root: the images are built and run with rootful podman"
 
 # One run at a time: the ports of the health checks and the image tags are fixed.
-exec 9>/run/lock/pop3_exporter-build-and-test.lock
+lockdir=/run/lock
+[[ -d $lockdir ]] || lockdir=/tmp
+exec 9>"$lockdir/pop3_exporter-build-and-test.lock"
 flock --wait 900 9 || fail "another build-and-test.sh run still holds its lock after 15 min"
 
 containers=()
@@ -100,8 +102,8 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'echo "build-and-test: interrupted" >&2; exit 130' INT
+trap 'echo "build-and-test: terminated" >&2; exit 143' TERM
 
 # ------------------------------------------------------------------ tools
 step "checking the container tools"
