@@ -98,7 +98,7 @@ cleanup() {
             echo "build-and-test: warning: could not remove container $id" >&2
     done
     rm -rf "$workdir" "$bootstrap_tmp"
-    ((rc == 0)) || echo "build-and-test: $passed passed, 1 failed"
+    ((rc == 0)) || echo "build-and-test: FAILED after $passed checks passed"
     exit "$rc"
 }
 trap cleanup EXIT
@@ -543,4 +543,4 @@ expect "$demo_port" pop3s_demo "127.0.0.1:$POP3S_PORT" 1 - 1
 expect "$demo_port" pop3_starttls_demo "127.0.0.1:$POP3_PORT" 1 - 1
 
 step "done in ${SECONDS}s: both images build, start healthy as configured and probe as documented"
-echo "build-and-test: $passed passed, 0 failed"
+echo "build-and-test: all $passed checks passed"
