@@ -58,6 +58,8 @@ class TLSConfig:
     insecure_skip_verify: bool = False
     min_version: str = "TLS12"
     max_version: str | None = None
+    # Extra handshakes limited to TLS 1.0 and to TLS 1.1 (legacytls.py).
+    check_legacy_versions: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,7 +207,7 @@ def _parse_tls_config(source: _Source, node: yaml.Node, where: str) -> TLSConfig
     values: dict[str, Any] = {}
     for key, (_, value_node) in entries.items():
         key_where = f"{where}.{key}"
-        if key == "insecure_skip_verify":
+        if key in ("insecure_skip_verify", "check_legacy_versions"):
             values[key] = source.boolean(value_node, key_where)
         elif key in ("min_version", "max_version"):
             version = source.string(value_node, key_where)

@@ -26,6 +26,7 @@ from pop3_exporter.errors import (
     StlsUnsupportedError,
     TLSHandshakeError,
 )
+from pop3_exporter.legacytls import check_legacy_versions
 from pop3_exporter.protocol import Pop3Connection, decode_line
 from pop3_exporter.resolver import Resolver, SystemResolver
 from pop3_exporter.result import (
@@ -113,6 +114,7 @@ class _Recorder:
         self.capabilities: Capabilities | None = None
         self.plaintext_auth_exposed: bool | None = None
         self.handshake: Handshake | None = None
+        self.legacy_tls_versions: tuple[tuple[str, bool], ...] = ()
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -184,6 +186,7 @@ class _Recorder:
             plaintext_auth_exposed=self.plaintext_auth_exposed,
             tls=cert_cache.facts(self.handshake) if self.handshake is not None else None,
             transcript=tuple(self.transcript or ()),
+            legacy_tls_versions=self.legacy_tls_versions,
         )
 
 
@@ -242,6 +245,11 @@ async def probe_pop3(
     failure = await _probe(
         recorder, target, module, resolver or SystemResolver(), ssl_context, address_check
     )
+    if recorder.address is not None and (failure is None or failure.phase is not Phase.CONNECT):
+        recorder.end_phase()  # the extra handshakes are no phase of the dialogue
+        recorder.legacy_tls_versions = await check_legacy_versions(
+            target, module, recorder.address, recorder.deadline, note=recorder.note
+        )
     return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
 
 
