@@ -11,10 +11,10 @@ import json
 import re
 from typing import Any
 
-from pop3_exporter.config import TLSMode
+from pop3_exporter.config import TLSMode, parse_config
 from pop3_exporter.metrics import ProbeCollector
 from pop3_exporter.result import CertFacts, FailureReason, Phase, ProbeResult, TLSFacts
-from tests.support.prom import DASHBOARD, RULES_DIR, dashboard_panels, load_yaml
+from tests.support.prom import DASHBOARD, REPO, RULES_DIR, dashboard_panels, load_yaml
 
 _METRIC = re.compile(r"\b(probe_tls_[a-z0-9_]+)")
 
@@ -108,3 +108,19 @@ def test_dashboard_has_chain_timeline_key_and_legacy_panels() -> None:
     assert having("probe_tls_legacy_version_accepted", "version")
     used = {name for expr in exprs.values() for name in _METRIC.findall(expr)}
     assert used <= exported_tls_names(), used - exported_tls_names()
+
+
+def test_docs_name_every_new_metric_option_and_alert() -> None:
+    docs = (REPO / "docs" / "tls.md").read_text(encoding="utf-8")
+    new_names = exported_tls_names() - {
+        "probe_tls_valid",
+        "probe_tls_version_info",
+        "probe_tls_cipher_info",
+    }
+    assert len(new_names) == 6
+    for name in (*new_names, "check_legacy_versions", "Pop3WeakCertificateKey"):
+        assert f"`{name}`" in docs, name
+    assert "`Pop3LegacyTLSAccepted`" in docs
+    (example,) = re.findall(r"```yaml\n(.*?)```", docs, re.DOTALL)
+    module = parse_config(example, "docs/tls.md").modules["pop3s_audit"]
+    assert module.tls_config.check_legacy_versions is True
