@@ -27,6 +27,7 @@ from pop3_exporter.errors import (
     StlsUnsupportedError,
     TLSHandshakeError,
 )
+from pop3_exporter.legacytls import check_legacy_versions
 from pop3_exporter.protocol import Pop3Connection, decode_line
 from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
@@ -118,6 +119,7 @@ class _Recorder:
         self.handshake: Handshake | None = None
         self.logged_in = False
         self.mailbox: MailboxFacts | None = None
+        self.legacy_tls_versions: tuple[tuple[str, bool], ...] = ()
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -191,6 +193,7 @@ class _Recorder:
             transcript=tuple(self.transcript or ()),
             login_success=self.logged_in if module.auth is not None else None,
             mailbox=self.mailbox,
+            legacy_tls_versions=self.legacy_tls_versions,
         )
 
 
@@ -253,6 +256,11 @@ async def probe_pop3(
     failure = await _probe(
         recorder, target, module, resolver or DnsResolver(), ssl_context, address_check, secret
     )
+    if recorder.address is not None and (failure is None or failure.phase is not Phase.CONNECT):
+        recorder.end_phase()  # the extra handshakes are no phase of the dialogue
+        recorder.legacy_tls_versions = await check_legacy_versions(
+            target, module, recorder.address, recorder.deadline, note=recorder.note
+        )
     return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
 
 
