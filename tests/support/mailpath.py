@@ -92,6 +92,7 @@ from tests.support.dovecot import (
     _check_traversable,
     _pick_ports,
     dovecot_binary,
+    make_maildir,
 )
 from tests.support.processes import reap, signal_child
 
@@ -418,15 +419,7 @@ protocol lmtp {{
         for address, password in accounts.items():
             local = address.split("@", 1)[0]
             user = MailUser(address, password, self.mail_root / local)
-            for sub in ("cur", "new", "tmp"):
-                (user.maildir / sub).mkdir(parents=True, exist_ok=True)
-            for path in (
-                user.home,
-                user.maildir,
-                *(user.maildir / s for s in ("cur", "new", "tmp")),
-            ):
-                path.chmod(0o700)
-                os.chown(path, MAIL_UID, MAIL_GID)
+            make_maildir(user.home)
             lines.append(f"{address}:{{PLAIN}}{password}:{MAIL_UID}:{MAIL_GID}::{user.home}::\n")
             users.append(user)
         # A whole new file renamed into place: a lookup never sees half a line.
