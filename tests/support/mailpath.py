@@ -746,6 +746,22 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             )
         )
 
+    def wait_maillog(self, needle: str, timeout: float = 5.0) -> str:
+        """Poll Postfix's log until it contains ``needle``; return the whole log.
+
+        Dovecot can show a message before Postfix has logged its delivery:
+        postlogd writes what the daemons send it a moment later.
+        """
+        deadline = time.monotonic() + timeout
+        for _ in range(10_000):  # bounded by count and by the deadline
+            log = self.maillog.read_text(errors="replace")
+            if needle in log:
+                return log
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        raise TimeoutError(f"{needle!r} not in the maillog after {timeout:.1f}s\n{self.log_tail()}")
+
     def __enter__(self) -> MailPath:
         self.start()
         return self
@@ -905,20 +921,27 @@ postlog   unix-dgram n  -       n       -       1       postlogd
             )
         return messages
 
-    def wait_queue_length(self, count: int, timeout: float = 10.0) -> list[QueuedMessage]:
-        """Poll until the queue holds ``count`` messages; return them."""
+    def wait_queue(
+        self, count: int, queue_name: str | None = None, timeout: float = 10.0
+    ) -> list[QueuedMessage]:
+        """Poll until the queue holds ``count`` messages, all in ``queue_name`` if given.
+
+        A message being delivered shows as "active" for a moment before it is
+        "deferred": wait for the queue the test means, not just the number.
+        """
         deadline = time.monotonic() + timeout
         found: list[QueuedMessage] = []
         for _ in range(10_000):  # bounded by count and by the deadline
             found = self.queue()
-            if len(found) == count:
+            if len(found) == count and all(
+                queue_name is None or m.queue_name == queue_name for m in found
+            ):
                 return found
             if time.monotonic() >= deadline:
                 break
             time.sleep(0.02)
-        raise TimeoutError(
-            f"queue holds {len(found)} messages, not {count}: {found}\n{self.log_tail()}"
-        )
+        wanted = f"{count} messages" + (f" in {queue_name}" if queue_name else "")
+        raise TimeoutError(f"the queue does not hold {wanted}: {found}\n{self.log_tail()}")
 
     def hold_all(self) -> None:
         """``postsuper -h ALL``: put every message now queued on hold."""
