@@ -50,7 +50,26 @@ _MAX_ROW_BYTES = _ASCII_STR_BYTES + 320 + _WIDE_STR_BYTES + 4 * (MAX_ROW_DETAIL_
 MIN_ENTRY_BYTES = _ENTRY_FIXED_BYTES + _MAX_ROW_BYTES
 # A TranscriptLine besides its text: the object, its float offset, the tuple's slot.
 _LINE_FIXED_BYTES = sys.getsizeof(TranscriptLine(0.0, "C", "")) + sys.getsizeof(0.5) + 8
-_CERT_FIXED_BYTES = sys.getsizeof(CertFacts("", "", "", "", (), 0.0, 0.0)) + 2 * 24 + 64
+# A CertFacts besides its strings: the object, two floats, an int, the chain's slot.
+_CERT_FIXED_BYTES = (
+    sys.getsizeof(
+        CertFacts(
+            subject="",
+            issuer="",
+            serial_number="",
+            fingerprint_sha256="",
+            subject_alternative_names=(),
+            not_before=0.0,
+            not_after=0.0,
+            key_algorithm="",
+            key_bits=None,
+            signature_algorithm="",
+        )
+    )
+    + 2 * sys.getsizeof(0.5)
+    + sys.getsizeof(2**20)
+    + 8
+)
 
 
 def _text_bytes(text: str | None) -> int:
@@ -69,6 +88,8 @@ def _cert_bytes(cert: CertFacts) -> int:
         + _text_bytes(cert.issuer)
         + _text_bytes(cert.serial_number)
         + _text_bytes(cert.fingerprint_sha256)
+        + _text_bytes(cert.key_algorithm)
+        + _text_bytes(cert.signature_algorithm)
         + sys.getsizeof(names)
         + sum(_text_bytes(name) for name in names)
     )

@@ -40,6 +40,7 @@ from pop3_exporter.errors import (
     StlsUnsupportedError,
     TLSHandshakeError,
 )
+from pop3_exporter.legacytls import LegacyContexts, check_legacy_versions
 from pop3_exporter.protocol import Pop3Connection, decode_line
 from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
@@ -140,6 +141,7 @@ class _Recorder:
         self.delivery_seconds: float | None = None
         self.late_messages = 0
         self.cleanup_failures = 0
+        self.legacy_tls_versions: tuple[tuple[str, bool], ...] = ()
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -225,6 +227,7 @@ class _Recorder:
             )
             if module.delivery is not None
             else None,
+            legacy_tls_versions=self.legacy_tls_versions,
         )
 
 
@@ -238,6 +241,7 @@ class Pop3Prober:
     ) -> None:
         self._resolver = resolver or DnsResolver()
         self._cert_cache = cert_cache or ChainFactsCache()
+        self._legacy_contexts = LegacyContexts()
 
     async def __call__(
         self,
@@ -260,6 +264,7 @@ class Pop3Prober:
             address_check=address_check,
             cert_cache=self._cert_cache,
             delivery=delivery,
+            legacy_contexts=self._legacy_contexts,
         )
 
 
@@ -274,6 +279,7 @@ async def probe_pop3(
     address_check: AddressCheck | None = None,
     cert_cache: ChainFactsCache | None = None,
     delivery: DeliveryRuntime | None = None,
+    legacy_contexts: LegacyContexts | None = None,
 ) -> ProbeResult:
     """Probe one POP3 server within `timeout_seconds` from now.
 
@@ -304,6 +310,16 @@ async def probe_pop3(
     else:
         failure = await _probe(
             recorder, target, module, resolver or DnsResolver(), ssl_context, address_check, secret
+        )
+    if recorder.address is not None and (failure is None or failure.phase is not Phase.CONNECT):
+        recorder.end_phase()  # the extra handshakes are no phase of the dialogue
+        recorder.legacy_tls_versions = await check_legacy_versions(
+            target,
+            module,
+            recorder.address,
+            recorder.deadline,
+            legacy_contexts or LegacyContexts(size=0),
+            note=recorder.note,
         )
     return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
 

@@ -71,6 +71,9 @@ def cert(index: int, san_count: int = 3) -> CertFacts:
         subject_alternative_names=tuple(f"name{n}.example.test" for n in range(san_count)),
         not_before=1.7e9,
         not_after=1.8e9 + index,
+        key_algorithm="ec",
+        key_bits=256 + index,
+        signature_algorithm="ecdsa-with-SHA256",
     )
 
 
