@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import dataclasses
 import enum
@@ -14,6 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -42,6 +44,7 @@ from pop3_exporter.result import (
 )
 from pop3_exporter.runtime import ConfigHolder
 from pop3_exporter.target import ProbeTarget
+from tests.support.exporter import REPO, ExporterProcess
 from tests.support.fakemail import FakeMailServer
 from tests.support.fakepop3 import FakePop3Server, dialogue
 from tests.support.fakeprober import canned_result
@@ -476,3 +479,31 @@ async def test_no_secret_in_history(aiohttp_client: ClientFactory, tmp_path: Pat
     ]
     for form in forms:
         assert form not in everything
+
+
+async def test_history_limit_flag(tmp_path: Path) -> None:
+    """--history.limit reaches the running exporter (and a negative one is refused)."""
+    refused = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "pop3_exporter", "--history.limit", "-1"),
+        cwd=REPO,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(60):
+        _, stderr = await refused.communicate()
+    assert refused.returncode == 2 and b"--history.limit" in stderr
+    async with FakePop3Server(dialogue()) as fake:
+        with ExporterProcess(tmp_path / "exporter.log", "--history.limit", "2") as exporter:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                for _ in range(3):
+                    params = {"target": f"127.0.0.1:{fake.port}", "module": "pop3"}
+                    async with session.get(f"{exporter.url}/probe", params=params) as response:
+                        assert response.status == 200
+                async with session.get(exporter.url + "/") as response:
+                    page = await response.text()
+                statuses = []
+                for entry_id in (1, 2, 3):
+                    async with session.get(f"{exporter.url}/probe/history/{entry_id}") as response:
+                        statuses.append(response.status)
+    assert "The last 2 probes of at most 2" in page
+    assert statuses == [404, 200, 200]
