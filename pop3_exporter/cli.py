@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
         " (0 valid, 1 invalid).",
     )
     parser.add_argument("--version", action="version", version=f"pop3_exporter {__version__}")
+    # Imported here: check.py builds on this module's flag types.
+    from pop3_exporter.check import add_probe_command
+
+    add_probe_command(parser)
     return parser
 
 
@@ -318,8 +322,23 @@ def warn_about_file_limit(max_concurrent_probes: int) -> None:
         )
 
 
+def run_command(args: argparse.Namespace, arguments: Sequence[str]) -> int:
+    """A subcommand (today only `probe`); the exporter's own flags do not apply to it."""
+    from pop3_exporter.check import State, Verdict, render, run_probe_command
+
+    if arguments[:1] != [args.command]:
+        # Flags before the command would be parsed as the server's and then ignored.
+        message = f"put {args.command} first: pop3_exporter {args.command} TARGET [FLAGS]"
+        sys.stdout.write(render(Verdict(State.UNKNOWN, message)))
+        return int(State.UNKNOWN)
+    return run_probe_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(arguments)
+    if args.command is not None:
+        return run_command(args, arguments)
     setup_logging(args.log_level, args.log_format)
     if args.config_check:
         return check_config(args.config_file, args.web_config_file, args.state_directory)
