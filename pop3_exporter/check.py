@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -441,30 +442,44 @@ class _LogLines(logging.Handler):
 
 def run_probe_command(args: argparse.Namespace) -> int:
     """`pop3_exporter probe`: print the verdict (and long output), return the exit code."""
-    log_lines = _LogLines()
-    root = logging.getLogger()
-    root.handlers[:] = [log_lines]
-    root.setLevel(logging.WARNING)
-    logger.setLevel(logging.WARNING)
     details: list[str] = []
     report: list[str] = []
-    try:
-        thresholds = _thresholds(args)
-        runtime = _load(args.config_file, args.state_directory)
-        details += [f"configuration warning: {warning}" for warning in runtime.config.warnings]
-        target, module = _select(runtime, args.target, args.module)
-        result = asyncio.run(_probe(args, runtime, target, module))
-    except UnknownError as exc:
-        verdict = Verdict(State.UNKNOWN, str(exc))
-        details[:0] = exc.details
-    else:
-        verdict = judge(result, thresholds, time.time())
-        if args.verbose:
-            report = ["", *_report(result, module, with_metrics=args.verbose > 1)]
-    details += [f"log: {line}" for line in log_lines.lines]
+    with _collected_logs() as log_lines:
+        try:
+            thresholds = _thresholds(args)
+            runtime = _load(args.config_file, args.state_directory)
+            details += [f"configuration warning: {w}" for w in runtime.config.warnings]
+            target, module = _select(runtime, args.target, args.module)
+            result = asyncio.run(_probe(args, runtime, target, module))
+        except UnknownError as exc:
+            verdict = Verdict(State.UNKNOWN, str(exc))
+            details[:0] = exc.details
+        else:
+            verdict = judge(result, thresholds, time.time())
+            if args.verbose:
+                report = ["", *_report(result, module, with_metrics=args.verbose > 1)]
+    details += [f"log: {line}" for line in log_lines]
     sys.stdout.write(render(verdict, [*details, *report]))
     sys.stdout.flush()
     return int(verdict.state)
+
+
+@contextlib.contextmanager
+def _collected_logs() -> Iterator[list[str]]:
+    """Log lines (warn and above) kept for the long output instead of going to stderr;
+    the logging setup is as before afterwards."""
+    handler = _LogLines()
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, logger.level)
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield handler.lines
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        logger.setLevel(saved[2])
 
 
 def _report(result: ProbeResult, module: Module, *, with_metrics: bool) -> list[str]:

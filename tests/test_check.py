@@ -29,7 +29,7 @@ from pop3_exporter.check import (
     number,
     render,
 )
-from pop3_exporter.cli import build_parser
+from pop3_exporter.cli import build_parser, main
 from pop3_exporter.config import AuthConfig, Module, TLSMode, default_config
 from pop3_exporter.credentials import Mechanism
 from pop3_exporter.result import (
@@ -461,7 +461,19 @@ def test_a_name_is_resolved_with_dns_server_and_checked_by_the_policy(
 # ---------------------------------------------------------------- UNKNOWN
 
 
-def test_unknown_for_bad_arguments_modules_and_targets() -> None:
+def run_in_process(args: Sequence[str], capsys: pytest.CaptureFixture[str]) -> Output:
+    """main() in this process: for the many argument cases, where a second of
+    interpreter start-up each would add up; the subprocess tests show the wiring."""
+    try:
+        code: object = main(["probe", *args])
+    except SystemExit as exc:
+        code = exc.code
+    assert isinstance(code, int)
+    captured = capsys.readouterr()
+    return parse_output(subprocess.CompletedProcess(args, code, captured.out, captured.err))
+
+
+def test_unknown_for_bad_arguments_modules_and_targets(capsys: pytest.CaptureFixture[str]) -> None:
     cases: dict[str, tuple[list[str], str]] = {
         "no target": ([], "pop3_exporter probe: the following arguments are required: TARGET"),
         "unknown flag": (
@@ -511,14 +523,21 @@ def test_unknown_for_bad_arguments_modules_and_targets() -> None:
             "bad target: port 99999 is out of range 1-65535",
         ),
     }  # fmt: skip
-    outputs = probe_all([args for args, _ in cases.values()])
-    for (case, (_, message)), out in zip(cases.items(), outputs, strict=True):
+    for case, (args, message) in cases.items():
+        out = run_in_process(args, capsys)
         assert out.code == 3, case
         assert out.summary == message, case
         assert out.perfdata == {}, case
 
 
-def test_flags_before_the_command_are_refused() -> None:
+def test_bad_arguments_in_a_real_process() -> None:
+    """What argparse does on its own (exit 2, stderr) is replaced in the real process too."""
+    missing = probe()
+    assert (missing.code, missing.summary) == (
+        3,
+        "pop3_exporter probe: the following arguments are required: TARGET",
+    )
+    assert missing.long_output[0].startswith("usage: pop3_exporter probe [-h] [--module MODULE]")
     completed = subprocess.run(
         [sys.executable, "-m", "pop3_exporter", "--config.file", "x.yml", "probe", "127.0.0.1"],
         capture_output=True,
