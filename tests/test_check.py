@@ -48,6 +48,7 @@ from tests.support.certs import TestPKI
 from tests.support.dns import UNSIGNED_ZONE, Testbed
 from tests.support.dovecot import DovecotServer
 from tests.support.dovecot_auth import AuthDovecotServer, MailAccount, deliver_messages
+from tests.support.mailpath import MailPath, MailUser
 from tests.support.probe_results import probe_results
 
 REPO = Path(__file__).resolve().parent.parent
@@ -431,6 +432,49 @@ def test_login_reports_the_mailbox_and_never_prints_the_password(
         assert mail_account.password not in out.stdout + out.stderr
 
 
+@pytest.mark.mailpath
+def test_a_delivery_module_reports_the_round_trip(
+    mailpath: MailPath, mail_user: MailUser, tmp_path: Path
+) -> None:
+    """SMTP submission to Postfix, LMTP to Dovecot, POP3 until the message is there."""
+    password_file = tmp_path / "password"
+    password_file.write_text(f"{mail_user.password}\n")
+    password_file.chmod(0o600)
+    login = f"username: {mail_user.address}, password_file: '{password_file}'"
+    config = tmp_path / "delivery.yml"
+    config.write_text(
+        "modules:\n"
+        "  delivery:\n"
+        "    tls: implicit\n"
+        "    timeout: 20s\n"
+        f"    tls_config: {{ca_file: '{mailpath.ca_file}'}}\n"
+        f"    auth: {{mechanism: user, {login}}}\n"
+        "    delivery:\n"
+        "      smtp:\n"
+        f"        address: 127.0.0.1:{mailpath.submission_port}\n"
+        "        tls: starttls\n"
+        f"        tls_config: {{ca_file: '{mailpath.ca_file}'}}\n"
+        f"        auth: {{{login}}}\n"
+        f"      from: {mail_user.address}\n"
+        f"      to: {mail_user.address}\n"
+        "      poll_interval: 200ms\n"
+    )
+    target = f"127.0.0.1:{mailpath.pop3s_port}"
+    out = probe(target, "--module", "delivery", "--config.file", str(config),
+                "--state.directory", str(tmp_path), "-v")  # fmt: skip
+    assert out.code == 0, out.stdout
+    match = re.search(r", delivered in ([0-9.]+)s$", out.summary)
+    assert match is not None, out.summary
+    delivery = out.perfdata["delivery"]
+    assert (delivery.unit, delivery.minimum) == ("s", "0")
+    assert delivery.value == pytest.approx(float(match[1]), abs=0.001)
+    assert 0 < delivery.value < out.perfdata["time"].value
+    assert mail_user.password not in out.stdout
+    # The key the check made marks its messages, as the exporter's would.
+    assert (tmp_path / "delivery.key").stat().st_mode & 0o777 == 0o600
+    assert MailPath.maildir_count(mail_user) == 0
+
+
 # ---------------------------------------------------------------- names and the policy
 
 
@@ -658,7 +702,18 @@ NOW = 1_750_000_000.0
 
 
 def _cert(subject: str, days: float) -> CertFacts:
-    return CertFacts(subject, "CN=ca", "1", "00" * 32, (), NOW - DAY_SECONDS, NOW + days * 86400)
+    return CertFacts(
+        subject=subject,
+        issuer="CN=ca",
+        serial_number="1",
+        fingerprint_sha256="00" * 32,
+        subject_alternative_names=(),
+        not_before=NOW - DAY_SECONDS,
+        not_after=NOW + days * DAY_SECONDS,
+        key_algorithm="ec",
+        key_bits=256,
+        signature_algorithm="ecdsa-with-SHA256",
+    )
 
 
 def _result(**changes: object) -> ProbeResult:
