@@ -38,7 +38,6 @@ from pop3_exporter.config import InvalidConfigError, Module, format_duration, pa
 from pop3_exporter.credentials import CredentialError
 from pop3_exporter.debug import debug_report
 from pop3_exporter.errors import TargetError
-from pop3_exporter.http import BadRequest, _choose_module
 from pop3_exporter.logs import LogfmtFormatter
 from pop3_exporter.metrics import probe_registry
 from pop3_exporter.policy import TargetRefusedError
@@ -46,6 +45,7 @@ from pop3_exporter.prober import AddressCheck, Pop3Prober, printable
 from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import CertFacts, ProbeResult
 from pop3_exporter.runtime import Runtime, load_runtime
+from pop3_exporter.selection import ModuleChoiceError, choose_module
 from pop3_exporter.target import ProbeTarget, parse_target
 
 COMMAND = "probe"
@@ -535,8 +535,8 @@ def _select(
             f" known modules: {', '.join(sorted(config.modules))}"
         )
     try:
-        module = _choose_module(config, spec, module_name)
-    except BadRequest as exc:
+        module = choose_module(config, spec, module_name)
+    except ModuleChoiceError as exc:
         raise UnknownError(str(exc)) from None
     target = ProbeTarget(spec.host, spec.port or module.port, spec.is_ip_literal)
     try:

@@ -13,7 +13,6 @@ import re
 import ssl
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Protocol
@@ -26,16 +25,12 @@ from pop3_exporter.config import (
     MODULE_NAME_PATTERN,
     Config,
     Module,
-    TLSMode,
     format_duration,
 )
 from pop3_exporter.credentials import CredentialError
 from pop3_exporter.delivery import DeliveryRuntime
 from pop3_exporter.errors import TargetError
 from pop3_exporter.history import (
-    DEFAULT_HISTORY_LIMIT,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_ENTRY_BYTES,
     HistoryEntry,
     ProbeHistory,
 )
@@ -51,6 +46,8 @@ from pop3_exporter.prober import AddressCheck, Pop3Prober
 from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.runtime import ConfigHolder
+from pop3_exporter.selection import ModuleChoiceError, choose_module
+from pop3_exporter.settings import Settings
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
 from pop3_exporter.text import plural
 from pop3_exporter.webconfig import BasicAuth
@@ -58,8 +55,6 @@ from pop3_exporter.webconfig import BasicAuth
 logger = logging.getLogger("pop3_exporter")
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
-# The module a bare pop3:// or pop3s:// target implies when no module is named.
-SCHEME_MODULES: Mapping[str, str] = MappingProxyType({"pop3": "pop3", "pop3s": "pop3s"})
 
 
 class Prober(Protocol):
@@ -79,21 +74,6 @@ class Prober(Protocol):
         address_check: AddressCheck | None = None,
         delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    timeout_offset: float = 0.5
-    # Probes allowed in flight at once (0: no limit). Each probe holds two file
-    # descriptors (the request's connection and the POP3 socket), so 500 stays well
-    # under the usual soft limit of 1024 descriptors, yet allows 50 new probes per
-    # second against targets that all run into a 10 s timeout.
-    max_concurrent_probes: int = 500
-    # The landing page's probe history (history.py): how many probes, and how many
-    # bytes all of them and each one may take. 0 probes: no history.
-    history_limit: int = DEFAULT_HISTORY_LIMIT
-    history_max_bytes: int = DEFAULT_MAX_BYTES
-    history_max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
 
 
 class ProbeGate:
@@ -179,36 +159,11 @@ def _module_name(request: web.Request) -> str | None:
     return name
 
 
-def _known_modules(config: Config) -> str:
-    return ", ".join(sorted(config.modules))
-
-
 def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) -> Module:
-    if module_name is None:
-        if spec.scheme is None:
-            raise BadRequest(
-                InvalidRequestReason.BAD_MODULE,
-                "parameter 'module' is required unless the target is a pop3:// or pop3s:// URL;"
-                f" known modules: {_known_modules(config)}",
-            )
-        module_name = SCHEME_MODULES[spec.scheme]
-    module = config.modules.get(module_name)
-    if module is None:
-        raise BadRequest(
-            InvalidRequestReason.UNKNOWN_MODULE,
-            f"unknown module {module_name!r}; known modules: {_known_modules(config)}",
-        )
-    if spec.scheme == "pop3s" and module.tls is not TLSMode.IMPLICIT:
-        raise BadRequest(
-            InvalidRequestReason.BAD_MODULE,
-            f"pop3s:// target needs a module with tls: implicit, not {module.name}",
-        )
-    if spec.scheme == "pop3" and module.tls is TLSMode.IMPLICIT:
-        raise BadRequest(
-            InvalidRequestReason.BAD_MODULE,
-            f"pop3:// target cannot use the implicit-TLS module {module.name}",
-        )
-    return module
+    try:
+        return choose_module(config, spec, module_name)
+    except ModuleChoiceError as exc:
+        raise BadRequest(exc.reason, str(exc)) from None
 
 
 def probe_timeout(module: Module, header: str | None, offset: float) -> float:

@@ -30,7 +30,7 @@ from pop3_exporter.history import (
     ProbeHistory,
     result_bytes,
 )
-from pop3_exporter.http import HISTORY_KEY, Settings, create_app
+from pop3_exporter.http import HISTORY_KEY, create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.prober import AddressCheck, Pop3Prober
 from pop3_exporter.resolver import StaticResolver
@@ -43,6 +43,7 @@ from pop3_exporter.result import (
     TranscriptLine,
 )
 from pop3_exporter.runtime import ConfigHolder
+from pop3_exporter.settings import Settings
 from pop3_exporter.target import ProbeTarget
 from tests.support.exporter import REPO, ExporterProcess
 from tests.support.fakemail import FakeMailServer
