@@ -383,3 +383,32 @@ async def test_no_task_is_left_behind(
     module = every_address(pki, dane=DaneMode.CHECK)
     await probe(dns_testbed, f"addr-tasks.{SIGNED_ZONE}", v4_only.pop3s_port, module)
     assert len(asyncio.all_tasks()) == before
+
+
+DELIVERY_MODULE = """\
+modules:
+  loop:
+    tls: implicit
+    ip_protocol: {ip_protocol}{dane}
+    auth: {{username: loop@example.com, password_env: POP3_EXPORTER_TEST_PASSWORD}}
+    delivery:
+      smtp: {{address: smtp.example.com:587}}
+      from: loop@example.com
+      to: loop@example.com
+"""
+
+
+def test_delivery_modules_refuse_every_address_and_dane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round trip sends one message per probe; it is not fanned out, nor DANE-checked."""
+    monkeypatch.setenv("POP3_EXPORTER_TEST_PASSWORD", "secret")
+    accepted = parse_config(DELIVERY_MODULE.format(ip_protocol="preferred", dane=""))
+    assert accepted.modules["loop"].delivery is not None
+    with pytest.raises(InvalidConfigError) as caught:
+        parse_config(DELIVERY_MODULE.format(ip_protocol="all", dane="\n    dane: check"))
+    problems = str(caught.value).splitlines()
+    assert problems == [
+        "<string>:4: modules.loop.ip_protocol: not supported in a delivery module; probe the"
+        " same server with a module without delivery for ip_protocol",
+        "<string>:5: modules.loop.dane: not supported in a delivery module; probe the same"
+        " server with a module without delivery for dane",
+    ]
