@@ -10,6 +10,7 @@ that works and one where nothing listens.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -40,6 +41,7 @@ from tests.support.certs import TestPKI
 from tests.support.dns import SIGNED_ZONE, Testbed
 from tests.support.dovecot import DovecotServer, stop_servers
 from tests.support.exposition import Samples, labelled, parse_samples, promtool_check_metrics, value
+from tests.support.prom import DASHBOARD, dashboard_panels
 from tests.support.tlsa import chain_of, sha256, spki, tlsa
 
 pytestmark = pytest.mark.dovecot
@@ -412,3 +414,19 @@ def test_delivery_modules_refuse_every_address_and_dane(monkeypatch: pytest.Monk
         "<string>:5: modules.loop.dane: not supported in a delivery module; probe the same"
         " server with a module without delivery for dane",
     ]
+
+
+def test_dashboard_has_the_per_address_and_dane_panels() -> None:
+    """Each new family has a panel (test_e2e_alerting checks they return data)."""
+    panels = dashboard_panels(json.loads(DASHBOARD.read_text(encoding="utf-8")))
+    exprs = " ".join(target["expr"] for panel in panels for target in panel["targets"])
+    for needle in (
+        "probe_pop3_address_success{",
+        "probe_pop3_address_failure{",
+        "probe_pop3_address_duration_seconds{",
+        "pop3:address_family_success{",
+        "probe_tls_dane_records{",
+        "probe_tls_dane_secure{",
+        "probe_tls_dane_match{",
+    ):
+        assert needle in exprs, needle
