@@ -15,10 +15,14 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import aiohttp
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from pop3_exporter.config import (
     DaneMode,
@@ -496,3 +500,51 @@ def test_dane_config_values_and_refusals() -> None:
     text = str(caught.value)
     assert "<string>:3: modules.c.dane: DANE checks the certificate of a TLS handshake" in text
     assert "<string>:6: modules.d.dane: must be one of check, require" in text
+
+
+def _cert(
+    subject: str,
+    key: ec.EllipticCurvePrivateKey,
+    issuer: str,
+    signer: ec.EllipticCurvePrivateKey,
+    *,
+    ca: bool,
+    san: str | None = None,
+) -> bytes:
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if san is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False
+        )
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def test_dane_ta_checks_signatures_and_ca_flags() -> None:
+    """Offline chains: an anchor with the issuer's name but another key, or one that is
+    no CA, does not anchor the leaf."""
+    ca_key, other_key, leaf_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    anchor = _cert("Anchor", ca_key, "Anchor", ca_key, ca=True)
+    impostor = _cert("Anchor", other_key, "Anchor", other_key, ca=True)
+    not_ca = _cert("Anchor", ca_key, "Anchor", ca_key, ca=False)
+    leaf = _cert("mail", leaf_key, "Anchor", ca_key, ca=False, san="*.example.net")
+
+    def verdict(top: bytes, host: str = "pop.example.net") -> TLSARecord | None:
+        handshake = Handshake(False, False, None, "TLS 1.3", "x", (leaf, top), ())
+        record = TLSARecord(2, 0, 1, hashlib.sha256(top).digest())
+        return match_chain([record], handshake, [host], utc_now())
+
+    assert verdict(anchor) is not None
+    assert verdict(impostor) is None  # same name, the leaf's signature does not verify
+    assert verdict(not_ca) is None
+    assert verdict(anchor, host="a.b.example.net") is None  # wildcard: one label only
+    assert verdict(anchor, host="example.net") is None
