@@ -95,6 +95,8 @@ class TLSConfig:
     insecure_skip_verify: bool = False
     min_version: str = "TLS12"
     max_version: str | None = None
+    # Extra handshakes limited to TLS 1.0 and to TLS 1.1 (legacytls.py).
+    check_legacy_versions: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -657,6 +659,7 @@ TLS_CONFIG_SECTION: Section[TLSConfig] = Section(
             "insecure_skip_verify": Key(_boolean, _same),
             "min_version": Key(_tls_version, _same),
             "max_version": Key(_tls_version, _same),
+            "check_legacy_versions": Key(_boolean, _same),
         }
     ),
     finish=_finish_tls_config,

@@ -73,6 +73,16 @@ def debug_report(result: ProbeResult, module: Module, metrics_text: str) -> str:
             f"Mailbox: {result.mailbox.messages} messages, {result.mailbox.size_bytes} octets"
             + (f", message 1 dated {_iso(oldest)}" if oldest is not None else "")
         )
+    if result.delivery is not None:
+        seen = (
+            f"seen {result.delivery.seconds:.3f}s after the SMTP server accepted it"
+            if result.delivery.seconds is not None
+            else "not seen"
+        )
+        lines.append(
+            f"Delivery: message {seen}; {result.delivery.late_messages} late message(s)"
+            f" deleted, {result.delivery.cleanup_failures} cleanup failure(s)"
+        )
     lines += ["", "TLS:"]
     tls = result.tls
     if tls is None:

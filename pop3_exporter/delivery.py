@@ -318,15 +318,23 @@ async def _token_header(conn: Pop3Connection, number: int) -> str | None:
     reply = await conn.command(f"TOP {number} 0")
     if not reply.ok:
         raise MailboxError(f"TOP refused: {reply.text[:120]!r}")
-    value: str | None = None
+    value: bytearray | None = None
     prefix = TOKEN_HEADER.lower().encode() + b":"
     in_headers = True
+    in_token = False
     async for line in conn.multiline(MAX_HEADER_LINES):
+        if not in_headers:
+            continue
         if not line:
             in_headers = False
-        elif in_headers and value is None and line[: len(prefix)].lower() == prefix:
-            value = line[len(prefix) :].strip()[:200].decode("ascii", errors="replace")
-    return value
+        elif line[:1] in (b" ", b"\t"):  # a folded continuation (RFC 5322 2.2.3)
+            if in_token and value is not None and len(value) < 200:
+                value += b" " + line.strip()
+        else:
+            in_token = value is None and line[: len(prefix)].lower() == prefix
+            if in_token:
+                value = bytearray(line[len(prefix) :].strip()[:200])
+    return value.decode("ascii", errors="replace") if value is not None else None
 
 
 async def delete(conn: Pop3Connection, numbers: list[int]) -> int:

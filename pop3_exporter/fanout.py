@@ -122,6 +122,16 @@ def merge_dane(facts: Sequence[DaneFacts | None]) -> DaneFacts | None:
     return failed[0] if failed else compared[0]
 
 
+def merge_legacy(results: Sequence[ProbeResult]) -> tuple[tuple[str, bool], ...]:
+    """A legacy TLS version is accepted by the name when any address accepted it, and
+    known when any address answered."""
+    accepted: dict[str, bool] = {}
+    for result in results:
+        for version, ok in result.legacy_tls_versions:
+            accepted[version] = accepted.get(version, False) or ok
+    return tuple(accepted.items())
+
+
 def merge(
     base: ProbeResult,
     chosen: Sequence[Address],
@@ -167,6 +177,7 @@ def merge(
         phase_durations=phases,
         dns_lookup_seconds=base.dns_lookup_seconds,
         transcript=tuple(transcript),
+        legacy_tls_versions=merge_legacy(results),
         dane=merge_dane([result.dane for result in results]),
         addresses=AddressesProbed(outcomes, resolved),
     )

@@ -27,10 +27,21 @@ from prometheus_client.utils import floatToGoString
 from pop3_exporter import __version__
 from pop3_exporter.config import TLSMode
 from pop3_exporter.policy import RefusalReason
-from pop3_exporter.result import REGISTERED_CAPABILITIES, FailureReason, Phase, ProbeResult
+from pop3_exporter.result import (
+    REGISTERED_CAPABILITIES,
+    CertFacts,
+    FailureReason,
+    Phase,
+    ProbeResult,
+)
 
 MAX_LABEL_LENGTH = 256
 MAX_SHORT_LABEL_LENGTH = 64
+# Per-certificate series are written for the first this many certificates of the
+# presented chain (leaf first); real chains have 2-4. probe_tls_cert_chain_length
+# says how many there were, so that a cut chain shows.
+MAX_CHAIN_CERTS = 10
+_CHAIN_NUMBERS = tuple(str(number) for number in range(MAX_CHAIN_CERTS))
 # Enum .value is a descriptor call; these are read for every probe.
 _FAILURE_REASONS = tuple((reason, reason.value) for reason in FailureReason)
 _PHASE_VALUES = {phase: phase.value for phase in Phase}
@@ -244,6 +255,19 @@ class ProbeCollector(Collector):
 
     def _tls_metrics(self) -> Iterator[ProbeFamily]:
         result = self._result
+        if result.legacy_tls_versions:
+            # Own connections, so also known when the probe's handshake was not reached.
+            legacy = ProbeFamily(
+                "probe_tls_legacy_version_accepted",
+                "1 if an extra handshake limited to this legacy TLS version succeeded,"
+                " 0 if the server refused it; absent when unknown.",
+                labels=["version"],
+            )
+            for version, accepted in result.legacy_tls_versions:
+                legacy.add_metric(
+                    [sanitize_label(version, MAX_SHORT_LABEL_LENGTH)], float(accepted)
+                )
+            yield legacy
         tls = result.tls
         attempted = any(phase is Phase.TLS for phase, _ in result.phase_durations)
         if not attempted:
@@ -302,6 +326,62 @@ class ProbeCollector(Collector):
                 1.0,
             )
             yield chain_info
+            yield from _chain_metrics(tls.presented_chain)
+
+
+def _chain_metrics(chain: Sequence[CertFacts]) -> Iterator[ProbeFamily]:
+    """Per-certificate series of the presented chain; chain_no (the position, 0 for the
+    leaf) keeps every series of a family distinct whatever the certificates say."""
+    yield _gauge(
+        "probe_tls_cert_chain_length",
+        "Number of certificates the server presented; per-certificate series cover"
+        f" the first {MAX_CHAIN_CERTS}.",
+        float(len(chain)),
+    )
+    shown = tuple(zip(_CHAIN_NUMBERS, chain, strict=False))
+    not_before = ProbeFamily(
+        "probe_tls_cert_not_before_timestamp_seconds",
+        "NotBefore (unix time) of each presented certificate; chain_no 0 is the leaf.",
+        labels=["chain_no"],
+    )
+    not_after = ProbeFamily(
+        "probe_tls_cert_not_after_timestamp_seconds",
+        "NotAfter (unix time) of each presented certificate; chain_no 0 is the leaf.",
+        labels=["chain_no"],
+    )
+    key_bits = ProbeFamily(
+        "probe_tls_cert_key_bits",
+        "Public key size in bits of each presented certificate, by key algorithm.",
+        labels=["chain_no", "key_algorithm"],
+    )
+    info = ProbeFamily(
+        "probe_tls_cert_info",
+        "Names, serial and signature algorithm of each presented certificate.",
+        labels=["chain_no", "subject", "issuer", "serial", "signature_algorithm"],
+    )
+    for number, cert in shown:
+        not_before.add_metric([number], cert.not_before)
+        not_after.add_metric([number], cert.not_after)
+        if cert.key_bits is not None:
+            key_bits.add_metric(
+                [number, sanitize_label(cert.key_algorithm, MAX_SHORT_LABEL_LENGTH)],
+                float(cert.key_bits),
+            )
+        info.add_metric(
+            [
+                number,
+                sanitize_label(cert.subject),
+                sanitize_label(cert.issuer),
+                sanitize_label(cert.serial_number, MAX_SHORT_LABEL_LENGTH),
+                sanitize_label(cert.signature_algorithm, MAX_SHORT_LABEL_LENGTH),
+            ],
+            1.0,
+        )
+    yield not_before
+    yield not_after
+    if key_bits.samples:
+        yield key_bits
+    yield info
 
 
 def _gauge(name: str, documentation: str, value: float) -> ProbeFamily:

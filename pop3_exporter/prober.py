@@ -48,6 +48,7 @@ from pop3_exporter.errors import (
     StlsUnsupportedError,
     TLSHandshakeError,
 )
+from pop3_exporter.legacytls import LegacyContexts, check_legacy_versions
 from pop3_exporter.protocol import Pop3Connection, decode_line
 from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
@@ -152,6 +153,7 @@ class _Recorder:
         self.delivery_seconds: float | None = None
         self.late_messages = 0
         self.cleanup_failures = 0
+        self.legacy_tls_versions: tuple[tuple[str, bool], ...] = ()
         # Modules with dane: the TLSA lookup running beside the probe, and its verdict.
         self.dane_lookup: dane.TLSALookup | None = None
         self.dane: DaneFacts | None = None
@@ -240,6 +242,7 @@ class _Recorder:
             )
             if module.delivery is not None
             else None,
+            legacy_tls_versions=self.legacy_tls_versions,
             dane=self.dane,
         )
 
@@ -254,6 +257,7 @@ class Pop3Prober:
     ) -> None:
         self._resolver = resolver or DnsResolver()
         self._cert_cache = cert_cache or ChainFactsCache()
+        self._legacy_contexts = LegacyContexts()
 
     async def __call__(
         self,
@@ -276,6 +280,7 @@ class Pop3Prober:
             address_check=address_check,
             cert_cache=self._cert_cache,
             delivery=delivery,
+            legacy_contexts=self._legacy_contexts,
         )
 
 
@@ -290,6 +295,7 @@ async def probe_pop3(
     address_check: AddressCheck | None = None,
     cert_cache: ChainFactsCache | None = None,
     delivery: DeliveryRuntime | None = None,
+    legacy_contexts: LegacyContexts | None = None,
     dane_lookup: dane.TLSALookup | None = None,
 ) -> ProbeResult:
     """Probe one POP3 server within `timeout_seconds` from now.
@@ -316,6 +322,7 @@ async def probe_pop3(
             record_transcript,
             address_check,
             cert_cache,
+            legacy_contexts,
         )
     recorder = _Recorder(asyncio.get_running_loop(), timeout_seconds, record_transcript)
     secret = module.auth.secret() if module.auth is not None else None
@@ -335,6 +342,16 @@ async def probe_pop3(
         else:
             failure = await _probe(
                 recorder, target, module, resolver, ssl_context, address_check, secret
+            )
+        if recorder.address is not None and (failure is None or failure.phase is not Phase.CONNECT):
+            recorder.end_phase()  # the extra handshakes are no phase of the dialogue
+            recorder.legacy_tls_versions = await check_legacy_versions(
+                target,
+                module,
+                recorder.address,
+                recorder.deadline,
+                legacy_contexts or LegacyContexts(size=0),
+                note=recorder.note,
             )
         if dane_lookup is not None and recorder.dane is None:
             await _dane_report(recorder, dane_lookup, module)
@@ -671,6 +688,7 @@ async def _probe_every_address(
     record_transcript: bool,
     address_check: AddressCheck | None,
     cert_cache: ChainFactsCache,
+    legacy_contexts: LegacyContexts | None,
 ) -> ProbeResult:
     """ip_protocol: all: resolve once, then probe every address (up to the cap) at once,
     each as an IP-literal target with the name kept for TLS, within the one deadline;
@@ -715,6 +733,7 @@ async def _probe_every_address(
                 record_transcript=record_transcript,
                 address_check=address_check,
                 cert_cache=cert_cache,
+                legacy_contexts=legacy_contexts,
                 dane_lookup=lookup,
             )
 

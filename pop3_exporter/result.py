@@ -109,6 +109,12 @@ class CertFacts:
     subject_alternative_names: tuple[str, ...]
     not_before: float  # unix seconds
     not_after: float  # unix seconds
+    # "rsa", "ec", "ed25519", "ed448", "dsa", ... or "unknown" (see tlsinfo.key_facts).
+    key_algorithm: str
+    # Modulus or curve size; None when the key type is not understood.
+    key_bits: int | None
+    # OpenSSL's name ("sha256WithRSAEncryption"), else the dotted OID.
+    signature_algorithm: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +244,9 @@ class ProbeResult:
     login_success: bool | None = None
     mailbox: MailboxFacts | None = None
     delivery: DeliveryFacts | None = None
+    # Extra handshakes limited to one legacy version ("TLS 1.0", accepted?), only
+    # those that reached an answer; see legacytls.py.
+    legacy_tls_versions: tuple[tuple[str, bool], ...] = field(default=())
     # Modules with dane: what the TLSA records said; None when the lookup gave nothing
     # by the end of the probe.
     dane: DaneFacts | None = None

@@ -10,7 +10,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import (
+    dh,
+    dsa,
+    ec,
+    ed448,
+    ed25519,
+    rsa,
+    x448,
+    x25519,
+)
+from cryptography.x509.oid import SignatureAlgorithmOID
 
 from pop3_exporter.config import TLS_VERSIONS, TLSConfig
 from pop3_exporter.errors import (
@@ -34,6 +46,41 @@ _TLS_VERSION_LABELS = {
     "TLSv1.3": "TLS 1.3",
 }
 
+
+# OpenSSL's long names for the signature algorithms of certificates (what
+# `openssl x509 -text` prints), by OID; any other algorithm is shown as its dotted OID.
+_SIGNATURE_ALGORITHM_NAMES = {
+    oid.dotted_string: name
+    for oid, name in (
+        (SignatureAlgorithmOID.RSA_WITH_MD5, "md5WithRSAEncryption"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA1, "sha1WithRSAEncryption"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA224, "sha224WithRSAEncryption"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA256, "sha256WithRSAEncryption"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA384, "sha384WithRSAEncryption"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA512, "sha512WithRSAEncryption"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA3_224, "RSA-SHA3-224"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA3_256, "RSA-SHA3-256"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA3_384, "RSA-SHA3-384"),
+        (SignatureAlgorithmOID.RSA_WITH_SHA3_512, "RSA-SHA3-512"),
+        (SignatureAlgorithmOID.RSASSA_PSS, "rsassaPss"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA1, "ecdsa-with-SHA1"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA224, "ecdsa-with-SHA224"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA256, "ecdsa-with-SHA256"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA384, "ecdsa-with-SHA384"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA512, "ecdsa-with-SHA512"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA3_224, "ecdsa_with_SHA3-224"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA3_256, "ecdsa_with_SHA3-256"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA3_384, "ecdsa_with_SHA3-384"),
+        (SignatureAlgorithmOID.ECDSA_WITH_SHA3_512, "ecdsa_with_SHA3-512"),
+        (SignatureAlgorithmOID.DSA_WITH_SHA1, "dsaWithSHA1"),
+        (SignatureAlgorithmOID.DSA_WITH_SHA224, "dsa_with_SHA224"),
+        (SignatureAlgorithmOID.DSA_WITH_SHA256, "dsa_with_SHA256"),
+        (SignatureAlgorithmOID.DSA_WITH_SHA384, "dsa_with_SHA384"),
+        (SignatureAlgorithmOID.DSA_WITH_SHA512, "dsa_with_SHA512"),
+        (SignatureAlgorithmOID.ED25519, "ED25519"),
+        (SignatureAlgorithmOID.ED448, "ED448"),
+    )
+}
 
 # Distinct certificate chains whose parsed facts a ChainFactsCache keeps. A target
 # presents the same chain probe after probe, and parsing it (x509, names, SANs,
@@ -199,6 +246,8 @@ def _describe(cert: x509.Certificate, der: bytes) -> CertFacts:
         )
     except (x509.ExtensionNotFound, ValueError):
         sans = ()
+    key_algorithm, key_bits = key_facts(cert)
+    signature_oid = cert.signature_algorithm_oid.dotted_string
     return CertFacts(
         subject=_rfc4514(cert.subject),
         issuer=_rfc4514(cert.issuer),
@@ -207,7 +256,41 @@ def _describe(cert: x509.Certificate, der: bytes) -> CertFacts:
         subject_alternative_names=sans,
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
+        key_algorithm=key_algorithm,
+        key_bits=key_bits,
+        signature_algorithm=_SIGNATURE_ALGORITHM_NAMES.get(signature_oid, signature_oid),
     )
+
+
+def key_facts(cert: x509.Certificate) -> tuple[str, int | None]:
+    """(algorithm, bits) of the certificate's public key; ("unknown", None) for a key
+    type cryptography does not load.
+
+    Bits are the RSA/DSA/DH modulus, the EC curve's size, and for the fixed-size
+    Edwards and Montgomery keys the length of the raw public key (Ed25519 256, Ed448
+    456), so that every known key has a size.
+    """
+    try:
+        key = cert.public_key()
+    except (UnsupportedAlgorithm, ValueError):
+        return "unknown", None
+    if isinstance(key, rsa.RSAPublicKey):
+        return "rsa", key.key_size
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return "ec", key.curve.key_size
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "ed25519", 256
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "ed448", 456
+    if isinstance(key, dsa.DSAPublicKey):
+        return "dsa", key.key_size
+    if isinstance(key, dh.DHPublicKey):
+        return "dh", key.key_size
+    if isinstance(key, x25519.X25519PublicKey):
+        return "x25519", 256
+    if isinstance(key, x448.X448PublicKey):
+        return "x448", 448
+    return "unknown", None
 
 
 def _rfc4514(name: x509.Name) -> str:

@@ -1,5 +1,6 @@
-"""Shared fixtures: a generated PKI, real Dovecot servers (one per cert variant) and a
-Dovecot for login tests with its token-introspection endpoint."""
+"""Shared fixtures: a generated PKI, real Dovecot servers (one per cert variant), a
+Dovecot for login tests with its token-introspection endpoint, and a real
+Postfix -> LMTP -> Dovecot mail path for the delivery tests."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tests.support.dns import dns_testbed  # noqa: F401 (the session fixture, fo
 from tests.support.dovecot import DovecotError, DovecotServer, dovecot_binary, stop_servers
 from tests.support.dovecot_auth import AuthDovecotServer, MailAccount
 from tests.support.introspection import IntrospectionServer
+from tests.support.mailpath import MailPath, MailUser, missing_mailpath_parts
 
 # Keep Dovecot's work directories after the run (for reading dovecot.log).
 KEEP_ENV = "POP3_EXPORTER_KEEP_DOVECOT"
@@ -122,3 +124,40 @@ def mail_account(dovecot_auth: AuthDovecotServer) -> MailAccount:
         # A server that died mid-session must fail loudly, not hang clients.
         raise DovecotError(f"the login-test Dovecot died\n{dovecot_auth.log_tail()}")
     return dovecot_auth.add_user()
+
+
+def require_mailpath() -> None:
+    """Skip without Postfix, Dovecot's LMTP or root, but fail in CI where they must exist."""
+    missing = missing_mailpath_parts()
+    if missing:
+        message = "the mail path needs: " + "; ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def mailpath_session(pki: TestPKI, dovecot_workroot: Path) -> Iterator[MailPath]:
+    """One Postfix + Dovecot mail path for the whole session (use ``mailpath`` in tests)."""
+    require_mailpath()
+    path = MailPath(dovecot_workroot / "mailpath", pki.variants["good"], pki.ca_file)
+    path.start()
+    try:
+        yield path
+    finally:
+        path.stop()
+
+
+@pytest.fixture
+def mailpath(mailpath_session: MailPath) -> Iterator[MailPath]:
+    """The session's mail path; afterwards delivery works again, the queue is empty and
+    the fixed mailboxes (loop@, other@) are empty."""
+    mailpath_session.check_running()
+    yield mailpath_session
+    mailpath_session.reset()
+
+
+@pytest.fixture
+def mail_user(mailpath: MailPath) -> MailUser:
+    """A fresh, empty mailbox of its own (random name and password) for one test."""
+    return mailpath.new_user()

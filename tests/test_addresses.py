@@ -29,7 +29,7 @@ from pop3_exporter.config import (
     module_to_mapping,
     parse_config,
 )
-from pop3_exporter.fanout import MAX_ADDRESSES, choose, worst
+from pop3_exporter.fanout import MAX_ADDRESSES, choose, merge_legacy, worst
 from pop3_exporter.metrics import render_probe
 from pop3_exporter.policy import RefusalReason, TargetRefusedError
 from pop3_exporter.prober import probe_pop3
@@ -439,3 +439,12 @@ def test_dashboard_has_the_per_address_and_dane_panels() -> None:
         "probe_tls_dane_match{",
     ):
         assert needle in exprs, needle
+
+
+def test_legacy_tls_is_accepted_by_the_name_when_any_address_accepts_it() -> None:
+    v6 = replace(_result(True, None, 0.1), legacy_tls_versions=(("TLS 1.0", False),))
+    v4 = replace(
+        _result(True, None, 0.1), legacy_tls_versions=(("TLS 1.0", True), ("TLS 1.1", False))
+    )
+    assert merge_legacy([v6, v4]) == (("TLS 1.0", True), ("TLS 1.1", False))
+    assert merge_legacy([v6, _result(False, Phase.CONNECT, 0.1)]) == (("TLS 1.0", False),)

@@ -223,7 +223,8 @@ INVALID = [
     (
         "modules:\n  a:\n    tls_config:\n      ca: x\n",
         "bad.yml:4: modules.a.tls_config.ca: unknown key (known: ca_file, cert_file,"
-        " insecure_skip_verify, key_file, max_version, min_version, server_name)",
+        " check_legacy_versions, insecure_skip_verify, key_file, max_version, min_version,"
+        " server_name)",
     ),
     (
         "modules:\n  a:\n    tls_config:\n      min_version: TLS14\n",
@@ -370,7 +371,7 @@ def test_a_field_without_a_key_is_caught() -> None:
 
     @dataclasses.dataclass(frozen=True)
     class Grown(TLSConfig):
-        check_legacy_versions: bool = False
+        check_unlisted: bool = False
 
     assert set(TLS_CONFIG_SECTION.keys) != _field_names(Grown)
 

@@ -65,15 +65,23 @@ _cert = st.builds(
     subject_alternative_names=st.lists(_text, max_size=4).map(tuple),
     not_before=_floats,
     not_after=_floats,
+    key_algorithm=st.sampled_from(["rsa", "ec", "ed25519", "ed448", "dsa", "unknown"]) | _text,
+    key_bits=st.none() | st.integers(0, 2**20),
+    signature_algorithm=st.sampled_from(["sha256WithRSAEncryption", "ED25519"]) | _text,
 )
-_tls = st.builds(
+_short_chain = st.lists(_cert, max_size=3)
+tls_facts = st.builds(
     TLSFacts,
     verification_enabled=st.booleans(),
     verified=st.booleans(),
     verify_error=st.none() | _text,
     version=st.none() | st.sampled_from(["TLS 1.2", "TLS 1.3"]) | _text,
     cipher=st.none() | _text,
-    presented_chain=st.lists(_cert, max_size=3).map(tuple),
+    # One chain in eight is longer than the cap of per-certificate series
+    # (metrics.MAX_CHAIN_CERTS); more would make every example slow to build.
+    presented_chain=st.integers(0, 7)
+    .flatmap(lambda n: st.lists(_cert, min_size=11, max_size=11) if n == 0 else _short_chain)
+    .map(tuple),
     verified_chain=st.lists(_cert, max_size=3).map(tuple),
 )
 probe_results = st.builds(
@@ -102,7 +110,6 @@ probe_results = st.builds(
         login_delay_seconds=st.none() | st.integers(0, 10**9),
     ),
     plaintext_auth_exposed=st.none() | st.booleans(),
-    tls=st.none() | _tls,
     login_success=st.none() | st.booleans(),
     mailbox=st.none()
     | st.builds(
@@ -119,6 +126,10 @@ probe_results = st.builds(
         late_messages=st.integers(0, 10**6),
         cleanup_failures=st.integers(0, 10**6),
     ),
+    tls=st.none() | tls_facts,
+    legacy_tls_versions=st.lists(
+        st.tuples(st.sampled_from(["TLS 1.0", "TLS 1.1"]) | _text, st.booleans()), max_size=2
+    ).map(tuple),
     dane=st.none()
     | st.builds(
         DaneFacts,
