@@ -49,7 +49,7 @@ from tests.conftest import DovecotFactory
 from tests.support.certs import TestPKI
 from tests.support.dns import BOGUS_ZONE, SIGNED_ZONE, UNSIGNED_ZONE, Testbed
 from tests.support.dovecot import DovecotServer
-from tests.support.exporter import ExporterProcess
+from tests.support.exporter import REPO, ExporterProcess
 from tests.support.exposition import Samples, parse_samples, promtool_check_metrics, value
 from tests.support.fakedns import FakeDnsServer
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, dialogue, server_ssl_context
@@ -548,3 +548,17 @@ def test_dane_ta_checks_signatures_and_ca_flags() -> None:
     assert verdict(not_ca) is None
     assert verdict(anchor, host="a.b.example.net") is None  # wildcard: one label only
     assert verdict(anchor, host="example.net") is None
+
+
+def test_dns_docs_name_every_dane_metric_reason_and_alert() -> None:
+    docs = (REPO / "docs" / "dns.md").read_text(encoding="utf-8")
+    for name in (
+        "probe_tls_dane_records",
+        "probe_tls_dane_secure",
+        "probe_tls_dane_match",
+        "dane_insecure",
+        "dane_mismatch",
+        "Pop3DaneMismatch",
+        "Pop3DaneInsecure",
+    ):
+        assert f"`{name}`" in docs, name
