@@ -170,6 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
         f" cancelled (default {SHUTDOWN_GRACE_SECONDS:g}s).",
     )
     parser.add_argument(
+        "--history.limit",
+        dest="history_limit",
+        type=non_negative_int,
+        default=Settings().history_limit,
+        metavar="N",
+        help="Probes the landing page lists, each with its debug report (0: no history;"
+        f" default {Settings().history_limit}). Memory stays under"
+        f" {Settings().history_max_bytes // 2**20} MiB however large N is.",
+    )
+    parser.add_argument(
         "--dns.server",
         dest="dns_server",
         type=parse_dns_server,
@@ -349,7 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ssl_context is None:
                 logger.warning("basic auth without TLS: passwords cross the network in clear")
     settings = Settings(
-        timeout_offset=args.timeout_offset, max_concurrent_probes=args.max_concurrent_probes
+        timeout_offset=args.timeout_offset,
+        max_concurrent_probes=args.max_concurrent_probes,
+        history_limit=args.history_limit,
     )
     warn_about_file_limit(settings.max_concurrent_probes)
     config = holder.runtime.config
