@@ -17,7 +17,15 @@ from collections import deque
 from dataclasses import dataclass
 
 from pop3_exporter.config import Module
-from pop3_exporter.result import CertFacts, FailureReason, ProbeResult, TranscriptLine
+from pop3_exporter.result import (
+    AddressesProbed,
+    AddressOutcome,
+    CertFacts,
+    DaneFacts,
+    FailureReason,
+    ProbeResult,
+    TranscriptLine,
+)
 
 DEFAULT_HISTORY_LIMIT = 100
 # One entry may take this much memory; a longer transcript is cut to fit. Against a
@@ -72,6 +80,16 @@ _CERT_FIXED_BYTES = (
 )
 
 
+# The DANE verdict besides its strings: the object and its int.
+_DANE_FIXED_BYTES = sys.getsizeof(DaneFacts("", 0, False, None)) + sys.getsizeof(2**20)
+# ip_protocol: all: the outcomes' container, and each outcome besides its address: the
+# object, its float, the tuple's slot.
+_ADDRESSES_FIXED_BYTES = sys.getsizeof(AddressesProbed((), 0)) + sys.getsizeof(2**20)
+_OUTCOME_FIXED_BYTES = (
+    sys.getsizeof(AddressOutcome("", 4, True, None, 0.0)) + sys.getsizeof(0.5) + 8
+)
+
+
 def _text_bytes(text: str | None) -> int:
     if text is None:
         return 0
@@ -117,6 +135,15 @@ def result_bytes(result: ProbeResult) -> int:
     if tls is not None:
         size += _text_bytes(tls.verify_error) + _text_bytes(tls.version) + _text_bytes(tls.cipher)
         size += sum(_cert_bytes(cert) for cert in tls.presented_chain + tls.verified_chain)
+    dane = result.dane
+    if dane is not None:
+        size += _DANE_FIXED_BYTES + sum(
+            _text_bytes(text) for text in (dane.name, dane.matched, dane.problem)
+        )
+    if result.addresses is not None:
+        outcomes = result.addresses.outcomes
+        size += _ADDRESSES_FIXED_BYTES + sys.getsizeof(outcomes)
+        size += sum(_OUTCOME_FIXED_BYTES + _text_bytes(o.address) for o in outcomes)
     return size
 
 

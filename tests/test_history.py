@@ -35,7 +35,10 @@ from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.prober import AddressCheck, Pop3Prober
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import (
+    AddressesProbed,
+    AddressOutcome,
     CertFacts,
+    DaneFacts,
     FailureReason,
     Phase,
     ProbeResult,
@@ -86,6 +89,19 @@ def tls_facts(san_count: int = 3) -> TLSFacts:
     return TLSFacts(True, True, None, "TLS 1.3", "TLS_AES_256_GCM_SHA384", chain, chain)
 
 
+def every_address(count: int) -> AddressesProbed:
+    outcomes = tuple(
+        AddressOutcome(f"2001:db8:1234:5678:9abc:def0:1:{i:x}", 6, False, FailureReason.TIMEOUT, i)
+        for i in range(count)
+    )
+    return AddressesProbed(outcomes, resolved=count + 4)
+
+
+def dane_facts() -> DaneFacts:
+    name = "_995._tcp." + "a" * 200 + ".example.test."
+    return DaneFacts(name, 3, True, False, matched="3 1 1", problem="é" * 300)
+
+
 def deep_size(obj: object, seen: set[int] | None = None) -> int:
     """What ``obj`` and everything it reaches take (each object once; None, booleans
     and enum members are shared by all and not counted)."""
@@ -110,8 +126,9 @@ def deep_size(obj: object, seen: set[int] | None = None) -> int:
         result(lines=20, tls=tls_facts()),
         result(lines=5, tls=tls_facts(san_count=500)),
         result(lines=3, failure_detail="é" * 300, greeting="+OK " + "ü" * 500),
+        result(lines=5, tls=tls_facts(), addresses=every_address(16), dane=dane_facts()),
     ],
-    ids=["bare", "plain", "long", "tls", "many-sans", "non-ascii"],
+    ids=["bare", "plain", "long", "tls", "many-sans", "non-ascii", "every-address-dane"],
 )
 def test_result_bytes_is_a_close_upper_bound(sample: ProbeResult) -> None:
     real = deep_size(sample)
