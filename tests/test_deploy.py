@@ -521,6 +521,52 @@ def test_dashboard_covers_the_issue_topics() -> None:
     assert having("probe_pop3_plaintext_auth_exposed")
 
 
+def test_dashboard_has_login_and_delivery_rows() -> None:
+    """Issue 8's "Login and mailbox" row and issue 9's "Mail delivery" row, each with
+    its metrics (test_e2e_alerting.py and test_e2e_delivery.py prove they have data)."""
+    dashboard = load_dashboard()
+    rows = prom.panel_rows(dashboard)
+    by_row: dict[str, str] = {}
+    for panel in dashboard_panels(dashboard):
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        by_row[rows[panel["id"]]] = by_row.get(rows[panel["id"]], "") + " " + exprs
+    login = by_row["Login and mailbox"]
+    for needle in (
+        "probe_pop3_login_success",
+        'phase=~"login',
+        "probe_pop3_mailbox_messages",
+        "probe_pop3_mailbox_size_bytes",
+        "time() - min by (instance, module) (probe_pop3_mailbox_oldest_message_timestamp_seconds",
+    ):
+        assert needle in login, needle
+    delivery = by_row["Mail delivery"]
+    for needle in (
+        "probe_mail_delivery_seconds",
+        "avg by (instance, module, location) (avg_over_time(probe_mail_delivery_seconds",
+        "probe_mail_delivery_success",
+        "probe_mail_delivery_late_messages",
+        "probe_mail_delivery_cleanup_failures",
+    ):
+        assert needle in delivery, needle
+
+
+def test_panel_rows_follow_the_grid_not_the_array() -> None:
+    def panel(pid: int, y: int, x: int = 0, kind: str = "timeseries") -> dict[str, Any]:
+        return {"id": pid, "type": kind, "title": f"p{pid}", "gridPos": {"y": y, "x": x}}
+
+    dashboard = {
+        "panels": [
+            panel(5, 30),  # listed first, placed under row "B"
+            {**panel(1, 0, kind="row"), "title": "A"},
+            panel(2, 1, 12),
+            panel(3, 1, 0),
+            {**panel(4, 20, kind="row"), "title": "B"},
+            {**panel(6, 40, kind="row"), "title": "C", "panels": [panel(7, 41)]},
+        ]
+    }
+    assert prom.panel_rows(dashboard) == {2: "A", 3: "A", 5: "B", 7: "C"}
+
+
 def test_grafana_provisioning_matches_the_compose_mounts() -> None:
     provider = load_yaml(PROVISIONING / "dashboards" / "pop3_exporter.yml")
     path = provider["providers"][0]["options"]["path"]
