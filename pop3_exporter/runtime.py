@@ -108,8 +108,8 @@ def _build_deliveries(
         except DeliveryKeyError as exc:
             problems.append(_problem(config, f"{where}.secret_file", str(exc)))
             continue
-        if not key and not os.access(path.parent, os.W_OK):
-            message = f"{path} does not exist and its directory is not writable"
+        if not key and not _can_create(path):
+            message = f"{path} does not exist and cannot be created"
             problems.append(_problem(config, f"{where}.secret_file", message))
             continue
         host, _, _ = smtp.endpoint()
@@ -118,6 +118,14 @@ def _build_deliveries(
             key=key, smtp_ssl_context=context, smtp_address_check=check
         )
     return deliveries, problems
+
+
+def _can_create(path: Path) -> bool:
+    """Whether the exporter could make `path` (and its missing directories)."""
+    for directory in path.parents:
+        if directory.exists():
+            return os.access(directory, os.W_OK | os.X_OK)
+    return False
 
 
 def _problem(config: Config, key: str, message: str) -> ConfigProblem:

@@ -40,7 +40,17 @@ import pytest
 import yaml
 
 from pop3_exporter.cli import build_parser
-from pop3_exporter.config import AuthConfig, MailboxConfig, Module, TLSConfig, parse_config
+from pop3_exporter.config import (
+    AUTH_SECTION,
+    DELIVERY_SECTION,
+    MAILBOX_SECTION,
+    MODULE_SECTION,
+    SMTP_AUTH_SECTION,
+    SMTP_SECTION,
+    TLS_CONFIG_SECTION,
+    Module,
+    parse_config,
+)
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.result import FailureReason, Phase
 from tests.support import prom
@@ -298,11 +308,21 @@ def defaults_problems(fence: Fence) -> list[str]:
                 if getattr(config.modules[name], f.name) != getattr(expected, f.name)
             ]
             problems.append(f"module {name}: not the default: {', '.join(differing)}")
-    keys = [f.name for f in dataclasses.fields(Module) if f.name != "name"]
-    keys += [f.name for f in dataclasses.fields(TLSConfig)]
-    # Sections a module has only when it uses them: their keys are named (commented).
-    keys += [f.name for f in dataclasses.fields(AuthConfig) if f.name != "password"]
-    keys += [f.name for f in dataclasses.fields(MailboxConfig)]
+    # Every key of every section a module can have; those of sections a module has only
+    # when it uses them (auth, mailbox, delivery) are named commented out.
+    keys = [
+        key
+        for section in (
+            MODULE_SECTION,
+            TLS_CONFIG_SECTION,
+            AUTH_SECTION,
+            MAILBOX_SECTION,
+            DELIVERY_SECTION,
+            SMTP_SECTION,
+            SMTP_AUTH_SECTION,
+        )
+        for key in section.keys
+    ]
     for key in keys:
         if not re.search(rf"^[ \t]*(#[ \t]*)?{key}:", fence.text, flags=re.MULTILINE):
             problems.append(f"key {key} is not named")

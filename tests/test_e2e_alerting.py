@@ -94,7 +94,10 @@ def exporter_config(
     """Replace the built-in pop3s/pop3_starttls modules with ones that trust the test CA
     (pop3s also asks about legacy TLS, for the dashboard's panel), and add the login
     modules: a good login that looks into the mailbox, a wrong password, and a user
-    whose password backend fails temporarily."""
+    whose password backend fails temporarily.
+
+    pop3_starttls also reports per address (one, for an IP target) and DANE (no TLSA
+    name for an IP target, so no DNS query: zeros), so that those panels have data."""
     greeting = "\n    expect_greeting: '^\\+OK NotDovecot'" if wrong_greeting else ""
     return f"""\
 modules:
@@ -105,6 +108,8 @@ modules:
       check_legacy_versions: true
   pop3_starttls:
     tls: starttls{greeting}
+    ip_protocol: all
+    dane: check
     tls_config:
       ca_file: '{ca_file}'
   pop3s_login:
