@@ -75,8 +75,6 @@ TRANSPORTS = ("stls", "implicit")
 
 # Failure replies come on Dovecot's 500 ms timer; the auth penalty would add 2 s and more.
 FAILURE_SECONDS_MAX = 2.0
-# pop3_lock_session waits 10 s (hard-coded in 2.3) for the lock; measured 11-12 s here.
-LOCK_WAIT_MIN, LOCK_WAIT_MAX = 9.0, 25.0
 
 
 @pytest.fixture(scope="module")
