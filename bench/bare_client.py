@@ -1,8 +1,9 @@
 """The floor: a bare asyncio POP3 client doing the same protocol work as one probe.
 
 greeting, CAPA (to the "." line), [STLS, TLS handshake, CAPA again,] QUIT; or for
-implicit TLS the handshake first (and with tls-nocapa, greeting and QUIT only). It verifies the certificate against the bench CA
-like the exporters do, but keeps no facts, renders no metrics and serves no HTTP.
+implicit TLS the handshake first (and with tls-nocapa, greeting and QUIT only). It
+verifies the certificate against the bench CA like the exporters do, but keeps no
+facts, renders no metrics and serves no HTTP.
 Run as its own process; prints one JSON line with its CPU seconds spent probing.
 """
 
