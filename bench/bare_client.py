@@ -1,8 +1,9 @@
 """The floor: a bare asyncio POP3 client doing the same protocol work as one probe.
 
 greeting, CAPA (to the "." line), [STLS, TLS handshake, CAPA again,] QUIT; or for
-implicit TLS the handshake first. It verifies the certificate against the bench CA
-like the exporters do, but keeps no facts, renders no metrics and serves no HTTP.
+implicit TLS the handshake first (and with tls-nocapa, greeting and QUIT only). It
+verifies the certificate against the bench CA like the exporters do, but keeps no
+facts, renders no metrics and serves no HTTP.
 Run as its own process; prints one JSON line with its CPU seconds spent probing.
 """
 
@@ -35,11 +36,12 @@ async def _capa(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 async def probe(host: str, port: int, mode: str, context: ssl.SSLContext) -> bool:
     reader, writer = await asyncio.open_connection(
-        host, port, ssl=context if mode == "tls" else None
+        host, port, ssl=context if mode in ("tls", "tls-nocapa") else None
     )
     try:
         await _expect_ok(reader)
-        await _capa(reader, writer)
+        if mode != "tls-nocapa":
+            await _capa(reader, writer)
         if mode == "stls":
             writer.write(b"STLS\r\n")
             await _expect_ok(reader)
@@ -84,7 +86,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--mode", choices=["plain", "stls", "tls"], required=True)
+    parser.add_argument("--mode", choices=["plain", "stls", "tls", "tls-nocapa"], required=True)
     parser.add_argument("--ca-file", required=True)
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)

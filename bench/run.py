@@ -46,6 +46,8 @@ MODULES: dict[str, tuple[str, str, str, str]] = {
     "plain": ("bench_plain", "pop3_plain", "plain", "plain"),
     "starttls": ("bench_starttls", "pop3_starttls", "stls", "plain"),
     "pop3s": ("bench_pop3s", "pop3s", "tls", "tls"),
+    # Implicit TLS, greeting and QUIT only: the handshake and little else.
+    "pop3s-nocapa": ("bench_pop3s_nocapa", "pop3s_nocapa", "tls-nocapa", "tls"),
 }
 # The long-delay listener keeps probes in flight for the memory test.
 HOLD_SECONDS = 4.0
@@ -175,6 +177,12 @@ def write_configs(directory: Path, certs: BenchCerts) -> tuple[Path, Path]:
     timeout: 10s
     tls_config:
       ca_file: {ca}
+  bench_pop3s_nocapa:
+    tls: implicit
+    timeout: 10s
+    query_capabilities: false
+    tls_config:
+      ca_file: {ca}
 """
     )
     # The same protocol work with blackbox's tcp prober. Its "expect" reads lines until
@@ -220,6 +228,17 @@ def write_configs(directory: Path, certs: BenchCerts) -> tuple[Path, Path]:
         ca_file: {ca}
       query_response:
 {dialogue}{quit_}
+  pop3s_nocapa:
+    prober: tcp
+    timeout: 10s
+    tcp:
+      preferred_ip_protocol: ip4
+      tls: true
+      tls_config:
+        ca_file: {ca}
+      query_response:
+        - expect: "^\\\\+OK"
+{quit_}
   greeting_only:
     prober: tcp
     timeout: 10s
@@ -727,7 +746,7 @@ def parse_args() -> tuple[argparse.Namespace, Args, Path]:
     parser.add_argument("--quick", action="store_true", help="fewer requests (about a minute)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per exporter (>= 2)")
     parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--modules", default="plain,starttls,pop3s")
+    parser.add_argument("--modules", default="plain,starttls,pop3s,pop3s-nocapa")
     parser.add_argument("--uvloop", action="store_true", help="also measure our exporter on uvloop")
     parser.add_argument(
         "--compare-with",
@@ -744,7 +763,7 @@ def parse_args() -> tuple[argparse.Namespace, Args, Path]:
     if ns.rounds < 2:
         parser.error("--rounds must be at least 2 (A B A B)")
     factor = 0.25 if ns.quick else 1.0
-    base = {"plain": 4000, "starttls": 2000, "pop3s": 2000}
+    base = {"plain": 4000, "starttls": 2000, "pop3s": 2000, "pop3s-nocapa": 2000}
     exporters = ["ours"]
     if ns.uvloop:
         if not HAVE_UVLOOP:

@@ -49,7 +49,7 @@ from pop3_exporter.errors import (
     TLSHandshakeError,
 )
 from pop3_exporter.legacytls import LegacyContexts, check_legacy_versions
-from pop3_exporter.protocol import Pop3Connection, decode_line
+from pop3_exporter.protocol import Pop3Connection, decode_line, text_size
 from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
@@ -79,6 +79,7 @@ MAX_SASL_MECHANISMS = 32
 MAX_MECHANISM_LENGTH = 64
 # The debug transcript is bounded per probe: each line is cut before it is escaped
 # (escaping can quadruple it), and lines beyond the caps are dropped with one note.
+# The byte cap counts what the escaped lines take in memory (protocol.text_size).
 MAX_TRANSCRIPT_LINES = 1000
 MAX_TRANSCRIPT_BYTES = 64 * 1024
 MAX_TRANSCRIPT_LINE_CHARS = 1024
@@ -184,7 +185,7 @@ class _Recorder:
         shown = printable(text[:MAX_TRANSCRIPT_LINE_CHARS])
         if len(text) > MAX_TRANSCRIPT_LINE_CHARS:
             shown += f"... ({len(text)} characters)"
-        self._transcript_bytes += len(shown)
+        self._transcript_bytes += text_size(shown)
         transcript.append(TranscriptLine(self.loop.time() - self.start, direction, shown))
 
     def failure(self, exc: ProbeError | TimeoutError) -> Failure:

@@ -10,8 +10,9 @@ timestamp of each read, so that the greeting latency we report is when the greet
 arrived, not when a busy event loop got round to it.
 
 What this module keeps per connection is bounded whatever the server sends: at most
-one read chunk unread in the stream, one line (MAX_LINE_BYTES) being assembled, and
-multi-line replies capped as a whole (max_bytes), not only per line.
+one read chunk unread in the stream, about one TLS record in OpenSSL's input buffer,
+one line (MAX_LINE_BYTES) being assembled, and multi-line replies capped as a whole
+(max_bytes, counted as the decoded text takes memory), not only per line.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ MAX_LINE_BYTES = 4096
 # 16 KiB.
 MAX_REPLY_BYTES = 64 * 1024
 _READ_CHUNK = 65536
+# What TLS connections hand OpenSSL at a time: one whole record (16 KiB of data, 256
+# bytes of expansion, a 5-byte header) fits. A memory BIO keeps the largest buffer it
+# ever held until the connection ends, so feeding it _READ_CHUNK at once would leave
+# every connection that read a flood holding 64 KiB.
+_TLS_FEED = 17 * 1024
 
 # SO_TIMESTAMPNS: the kernel stamps each received segment (CLOCK_REALTIME) and recvmsg
 # returns the stamp of the last one read. Python's socket module does not name it; 35
@@ -79,6 +85,16 @@ class Response:
 def decode_line(raw: bytes) -> str:
     """Decode a server line for matching and display; never fails."""
     return raw.decode("utf-8", errors="replace")
+
+
+_EMPTY_TEXT_SIZE = sys.getsizeof("")
+
+
+def text_size(text: str) -> int:
+    """Bytes that keeping `text` costs beyond an empty string: its length for ASCII,
+    up to four times that otherwise, because Python stores every character of a
+    string in the width its widest one needs (one emoji widens a whole line)."""
+    return sys.getsizeof(text) - _EMPTY_TEXT_SIZE
 
 
 class SocketStream:
@@ -307,9 +323,9 @@ class Pop3Connection:
         if self._transcript is not None:
             self._transcript(direction, text)
 
-    async def _receive(self) -> bytes:
+    async def _receive(self, n: int = _READ_CHUNK) -> bytes:
         try:
-            data = await self._stream.read(_READ_CHUNK)
+            data = await self._stream.read(n)
         except OSError as exc:  # includes ConnectionResetError
             raise ConnectionClosedError(f"connection lost: {exc}") from exc
         self._arrival = (self._stream.arrival, self._stream.arrival_wall)
@@ -344,7 +360,7 @@ class Pop3Connection:
                 chunk = self._tls.read(_READ_CHUNK)
             except ssl.SSLWantReadError:
                 await self._flush_tls()
-                data = await self._receive()
+                data = await self._receive(_TLS_FEED)
                 if not data:
                     raise ConnectionClosedError("server closed the connection") from None
                 self._incoming.write(data)
@@ -411,14 +427,16 @@ class Pop3Connection:
     async def read_multiline(self, max_lines: int, max_bytes: int = MAX_REPLY_BYTES) -> list[str]:
         """The body of a multi-line reply, decoded. More than `max_lines` lines, or more
         than `max_bytes` bytes in all, is a protocol error: a reply that is kept is
-        bounded as a whole, not only line by line."""
+        bounded as a whole, not only line by line. A line counts its bytes on the wire,
+        or what its decoded text takes in memory when that is more (up to four times)."""
         lines: list[str] = []
         total = 0
         async for raw in self.multiline(max_lines):
-            total += len(raw) + 2
+            line = decode_line(raw)
+            total += max(len(raw), text_size(line)) + 2
             if total > max_bytes:
                 raise ProtocolError(f"multi-line reply longer than {max_bytes} bytes")
-            lines.append(decode_line(raw))
+            lines.append(line)
         return lines
 
     async def send_command(self, command: str, *, shown: str | None = None) -> None:
@@ -468,7 +486,7 @@ class Pop3Connection:
                 break
             except ssl.SSLWantReadError:
                 await self._flush_tls()
-                data = await self._receive()
+                data = await self._receive(_TLS_FEED)
                 if not data:
                     raise TLSHandshakeError(
                         "server closed the connection during the TLS handshake",

@@ -112,14 +112,21 @@ def handshake_record(
     error: ssl.SSLCertVerificationError | None = None,
 ) -> Handshake:
     cipher = tls.cipher()
+    presented = tuple(presented_chain_der(tls))
+    verified_der: tuple[bytes, ...] = ()
+    if verified:
+        # The verified chain repeats the presented certificates (all but the trust
+        # anchor, usually): keep one copy of each, not two, for the rest of the probe.
+        same = {der: der for der in presented}
+        verified_der = tuple(same.get(der, der) for der in verified_chain_der(tls))
     return Handshake(
         verification_enabled=context.verify_mode != ssl.CERT_NONE,
         verified=verified,
         verify_error=error.verify_message if error is not None else None,
         version=tls_version_label(tls.version()),
         cipher=cipher[0] if cipher else None,
-        presented_der=tuple(presented_chain_der(tls)),
-        verified_der=tuple(verified_chain_der(tls)) if verified else (),
+        presented_der=presented,
+        verified_der=verified_der,
     )
 
 
