@@ -28,9 +28,10 @@ from pop3_exporter.config import (
     load_config,
 )
 from pop3_exporter.errors import ConfigError, TargetError
-from pop3_exporter.metrics import ExporterMetrics, probe_registry, render_probe
+from pop3_exporter.metrics import ExporterMetrics, probe_registry
 from pop3_exporter.policy import TargetRefusedError
 from pop3_exporter.prober import AddressCheck, probe_pop3
+from pop3_exporter.render import ProbeRenderer
 from pop3_exporter.resolver import Resolver, SystemResolver
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
@@ -184,6 +185,7 @@ PROBER_KEY = web.AppKey("prober", Prober)
 METRICS_KEY = web.AppKey("metrics", ExporterMetrics)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 GATE_KEY = web.AppKey("gate", ProbeGate)
+RENDERER_KEY = web.AppKey("renderer", ProbeRenderer)
 
 # The /probe parameters; any other parameter is refused (see handle_probe).
 PROBE_PARAMETERS = frozenset({"target", "module", "debug"})
@@ -359,7 +361,9 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
         text = debug_report(result, module, generate_latest(registry).decode())
         return web.Response(text=text, content_type="text/plain")
     # The same bytes as choose_encoder()'s encoder of probe_registry(), made cheaply.
-    body, content_type = render_probe(result, module.tls, request.headers.get("Accept", ""))
+    body, content_type = app[RENDERER_KEY].render(
+        result, module.tls, request.headers.get("Accept", "")
+    )
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -430,6 +434,7 @@ def create_app(
     prober: Prober | None = None,
     settings: Settings | None = None,
     auth: BasicAuth | None = None,
+    renderer: ProbeRenderer | None = None,
 ) -> web.Application:
     """Application factory; everything it needs is passed in (no module globals).
 
@@ -443,6 +448,8 @@ def create_app(
     app[SETTINGS_KEY] = settings or Settings()
     gate = ProbeGate(app[SETTINGS_KEY].max_concurrent_probes)
     app[GATE_KEY] = gate
+    # Its self-check against prometheus_client runs here, once per application.
+    app[RENDERER_KEY] = renderer or ProbeRenderer()
 
     async def close_gate(app: web.Application) -> None:
         # on_shutdown runs once the listener is closed and before aiohttp waits for

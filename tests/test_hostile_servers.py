@@ -21,9 +21,10 @@ from prometheus_client.samples import Sample
 
 from pop3_exporter.config import Module, TLSConfig, TLSMode
 from pop3_exporter.debug import debug_report
-from pop3_exporter.metrics import probe_registry, render_probe, sanitize_label
+from pop3_exporter.metrics import probe_registry, sanitize_label
 from pop3_exporter.prober import probe_pop3
 from pop3_exporter.protocol import MAX_CAPA_LINES, MAX_LINE_BYTES
+from pop3_exporter.render import ProbeRenderer
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
@@ -100,7 +101,7 @@ async def _probe(
 def _samples(result: ProbeResult, module: Module) -> dict[str, list[Sample]]:
     """The probe's exposition as /probe would send it, accepted by promtool and parsed
     back as Prometheus would."""
-    body, _ = render_probe(result, module.tls, "")
+    body, _ = ProbeRenderer().render(result, module.tls, "")
     text = body.decode()
     promtool_check_metrics(text)
     samples: dict[str, list[Sample]] = {}
