@@ -115,10 +115,12 @@ _FAST_ESCAPINGS = frozenset({openmetrics_exposition.UNDERSCORES, openmetrics_exp
 
 
 @functools.lru_cache(maxsize=64)
-def _choose_encoder(accept_header: str) -> tuple[Callable[..., bytes], str, bool | None]:
-    """choose_encoder(), plus whether the fast renderer can stand in for the encoder:
-    False for the text format, True for OpenMetrics, None when only the real encoder
-    will do."""
+def _choose_encoder(
+    accept_header: str,
+) -> tuple[Callable[..., bytes], str, bool | None, object]:
+    """choose_encoder(), plus whether the fast renderer can stand in for the encoder
+    (False for the text format, True for OpenMetrics, None when only the real encoder
+    will do) and the encoder's _encoder_key()."""
     encoder, content_type = choose_encoder(accept_header)
     fast: bool | None = None
     if encoder is generate_latest:
@@ -133,7 +135,7 @@ def _choose_encoder(accept_header: str) -> tuple[Callable[..., bytes], str, bool
             fast = False
         elif encoder.func is openmetrics_exposition.generate_latest:
             fast = True
-    return encoder, content_type, fast
+    return encoder, content_type, fast, _encoder_key(encoder)
 
 
 def _encoder_key(encoder: Callable[..., bytes]) -> object:
@@ -291,20 +293,25 @@ class ProbeRenderer:
     one warning and uses prometheus_client for every reply from then on."""
 
     def __init__(self, fast: FastRender = render_families) -> None:
-        self._fast: FastRender | None = fast if self._self_check(fast) else None
+        self._fast = fast
+        encoders: dict[object, tuple[str, Callable[..., bytes], bool]] = {}
+        for accept in SELF_CHECK_ACCEPT_HEADERS:
+            encoder, _, open_metrics, key = _choose_encoder(accept)
+            if open_metrics is not None:  # None: served by prometheus_client anyway
+                encoders.setdefault(key, (accept, encoder, open_metrics))
+        # The encoders the fast renderer may stand in for: those it matched, all or none.
+        # One that no header above picks (a new escaping, say) is never stood in for.
+        self._verified = frozenset(encoders) if self._self_check(fast, encoders) else frozenset()
 
     @property
     def fast(self) -> bool:
         """Whether replies come from the fast renderer (the self-check passed)."""
-        return self._fast is not None
+        return bool(self._verified)
 
     @staticmethod
-    def _self_check(fast: FastRender) -> bool:
-        encoders: dict[object, tuple[str, Callable[..., bytes], bool]] = {}
-        for accept in SELF_CHECK_ACCEPT_HEADERS:
-            encoder, _, open_metrics = _choose_encoder(accept)
-            if open_metrics is not None:  # None: served by prometheus_client anyway
-                encoders.setdefault(_encoder_key(encoder), (accept, encoder, open_metrics))
+    def _self_check(
+        fast: FastRender, encoders: dict[object, tuple[str, Callable[..., bytes], bool]]
+    ) -> bool:
         for families in canned_families():
             for accept, encoder, open_metrics in encoders.values():
                 expected = _reference(families, encoder)
@@ -336,7 +343,7 @@ class ProbeRenderer:
     ) -> tuple[bytes, str]:
         """(body, content type) of a /probe reply: what the encoder choose_encoder()
         picks for `accept_header` makes of probe_registry(result, tls_mode)."""
-        encoder, content_type, open_metrics = _choose_encoder(accept_header)
-        if open_metrics is None or self._fast is None:
+        encoder, content_type, open_metrics, key = _choose_encoder(accept_header)
+        if open_metrics is None or key not in self._verified:
             return encoder(probe_registry(result, tls_mode)), content_type
         return self._fast(ProbeCollector(result, tls_mode).families(), open_metrics), content_type

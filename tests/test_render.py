@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.utils import floatToGoString
 
+import pop3_exporter.render
 from pop3_exporter.config import TLSMode
 from pop3_exporter.http import RENDERER_KEY, ConfigHolder, create_app
 from pop3_exporter.metrics import ExporterMetrics, ProbeFamily, probe_registry
@@ -223,3 +224,30 @@ async def test_create_app_checks_its_own_renderer(aiohttp_client: ClientFactory)
     reply = await client.get("/probe", params={"target": "127.0.0.1:110", "module": "pop3"})
     assert reply.status == 200
     assert b"probe_success 1.0\n" in await reply.read()
+
+
+def test_an_encoder_the_self_check_did_not_cover_is_left_to_prometheus_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As if prometheus_client picked an encoder for OpenMetrics that no header of the
+    # self-check led to: the fast renderer is trusted only with what it was checked on.
+    monkeypatch.setattr(pop3_exporter.render, "SELF_CHECK_ACCEPT_HEADERS", ("",))
+    calls: list[bool] = []
+
+    def counting(families: Iterable[ProbeFamily], open_metrics: bool) -> bytes:
+        calls.append(open_metrics)
+        return render_families(families, open_metrics)
+
+    renderer = ProbeRenderer(fast=counting)
+    assert renderer.fast and set(calls) == {False}
+    calls.clear()
+    result = _sample_result()
+    for accept, fast_used in (
+        ("application/openmetrics-text;version=1.0.0", False),
+        ("text/plain;version=0.0.4", True),
+    ):
+        encoder, content_type = choose_encoder(accept)
+        body, served_type = renderer.render(result, TLSMode.NONE, accept)
+        assert (body, served_type) == (encoder(probe_registry(result, TLSMode.NONE)), content_type)
+        assert calls == ([False] if fast_used else []), accept
+        calls.clear()
