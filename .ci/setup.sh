@@ -1,32 +1,69 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on Debian/Ubuntu (run as root or with sudo):
-# the real servers the tests start (Dovecot, Prometheus, Alertmanager, blackbox_exporter
-# for the benchmark), a virtualenv in .venv with the package and its test tools, and one
-# in .venv-floor with the same at the lowest versions pyproject.toml allows.
+# the real servers the tests start (Dovecot with POP3 and LMTP, Postfix, Prometheus,
+# Alertmanager, blackbox_exporter for the benchmark), a virtualenv in .venv with the
+# package and its test tools, and one in .venv-floor with the same at the lowest
+# versions pyproject.toml allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(dovecot-pop3d prometheus prometheus-alertmanager prometheus-blackbox-exporter openssl python3-venv)
+# nsd, unbound, bind9-utils: the DNS tests' authoritative server, validating resolver
+# and zone signing (tests/support/dns.py). postfix, dovecot-lmtpd: the mail path of the
+# delivery tests (tests/support/mailpath.py).
+packages=(dovecot-pop3d prometheus prometheus-alertmanager prometheus-blackbox-exporter openssl python3-venv
+    nsd unbound bind9-utils postfix dovecot-lmtpd)
 missing=()
+installing_postfix=false
 for package in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
 if ((${#missing[@]})); then
     echo "installing: ${missing[*]}"
+    [[ " ${missing[*]} " == *" postfix "* ]] && installing_postfix=true
     as_root=()
     [[ $(id -u) -eq 0 ]] || as_root=(sudo)
     "${as_root[@]}" apt-get update -q
+    # Postfix without a system configuration: no /etc/postfix/main.cf, so neither its init
+    # script nor its systemd unit (ConditionPathExists=/etc/postfix/main.cf) starts a
+    # master. The tests run Postfix's master themselves with their own config directory.
+    echo "postfix postfix/main_mailer_type select No configuration" |
+        "${as_root[@]}" debconf-set-selections
     # The packages' services must not start on their own: the tests run the binaries
-    # on loopback with their own configs.
+    # on loopback with their own configs. invoke-rc.d asks policy-rc.d first (exit 101:
+    # do not start); where none exists, one stands in during the install, since a
+    # started unbound service would fetch the root trust anchor from the internet.
+    policy=/usr/sbin/policy-rc.d
+    if [[ ! -e $policy ]]; then
+        trap '"${as_root[@]}" rm -f "$policy"' EXIT
+        printf '#!/bin/sh\nexit 101\n' | "${as_root[@]}" tee "$policy" >/dev/null
+        "${as_root[@]}" chmod 755 "$policy"
+    fi
     DEBIAN_FRONTEND=noninteractive "${as_root[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 # Debian starts these services when it can (not inside containers); the tests need
 # their ports free of nothing, but stop them anyway so nothing probes the host.
-for service in dovecot prometheus prometheus-alertmanager prometheus-blackbox-exporter; do
+for service in dovecot postfix prometheus prometheus-alertmanager prometheus-blackbox-exporter nsd unbound; do
     if command -v systemctl >/dev/null && systemctl is-active --quiet "$service" 2>/dev/null; then
         systemctl stop "$service" || true
     fi
 done
+# Should the package have started a system master after all (it would listen on port 25),
+# stop it by the PID in its lock file, after checking that this PID is a Postfix master.
+# Only when this run installed Postfix: a machine's own, configured mail system is left alone.
+master_pid_file=/var/spool/postfix/pid/master.pid
+if $installing_postfix && [[ -r $master_pid_file ]]; then
+    pid=$(tr -dc '0-9' <"$master_pid_file")
+    if [[ -n $pid && -r /proc/$pid/comm && $(cat "/proc/$pid/comm") == master ]]; then
+        echo "stopping the system Postfix master (PID $pid)"
+        as_root=()
+        [[ $(id -u) -eq 0 ]] || as_root=(sudo)
+        "${as_root[@]}" kill -TERM "$pid"
+        for _ in $(seq 50); do
+            [[ -d /proc/$pid ]] || break
+            sleep 0.1
+        done
+    fi
+fi
 
 python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
@@ -59,4 +96,5 @@ if [[ ! -x .venv-floor/bin/python || "$(cat .venv-floor/floors.txt 2>/dev/null)"
     # Written last: an install that failed half-way is not taken for a finished one.
     printf '%s' "$floors" >.venv-floor/floors.txt
 fi
-echo "setup done: $(.venv/bin/python --version), dovecot $(dovecot --version 2>/dev/null | cut -d' ' -f1)"
+echo "setup done: $(.venv/bin/python --version), dovecot $(dovecot --version 2>/dev/null | cut -d' ' -f1)," \
+    "postfix $(/usr/sbin/postconf -d -h mail_version 2>/dev/null)"

@@ -5,35 +5,29 @@ from __future__ import annotations
 import time
 from datetime import UTC, datetime
 
-from pop3_exporter.config import Module
+import yaml
+
+from pop3_exporter.config import Module, module_to_mapping
 from pop3_exporter.prober import printable
 from pop3_exporter.result import CertFacts, ProbeResult
+from pop3_exporter.text import plural
 
 
 def _iso(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def describe_module(module: Module) -> list[str]:
-    tls = module.tls_config
-    return [
-        f"  tls: {module.tls}",
-        f"  port: {module.port}",
-        f"  timeout: {module.timeout:g}s",
-        f"  expect_greeting: {module.expect_greeting.pattern!r}",
-        f"  query_capabilities: {str(module.query_capabilities).lower()}",
-        f"  preferred_ip_protocol: {module.preferred_ip_protocol}",
-        f"  ip_protocol_fallback: {str(module.ip_protocol_fallback).lower()}",
-        f"  source_ip_address: {module.source_ip_address or ''}",
-        "  tls_config:",
-        f"    ca_file: {tls.ca_file or '(system trust store)'}",
-        f"    cert_file: {tls.cert_file or ''}",
-        f"    key_file: {tls.key_file or ''}",
-        f"    server_name: {tls.server_name or '(target host)'}",
-        f"    insecure_skip_verify: {str(tls.insecure_skip_verify).lower()}",
-        f"    min_version: {tls.min_version}",
-        f"    max_version: {tls.max_version or ''}",
-    ]
+def module_yaml(module: Module) -> str:
+    """The module as a configuration file that defines it: pasted into one (or loaded
+    with --config.file), it gives an equal module. Unset keys are left out."""
+    document = {"modules": {module.name: module_to_mapping(module)}}
+    text = yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+    notes = []
+    if module.uses_tls and module.tls_config.ca_file is None:
+        notes.append("# tls_config.ca_file unset: the system trust store verifies the server")
+    if module.uses_tls and module.tls_config.server_name is None:
+        notes.append("# tls_config.server_name unset: the target's host name is verified")
+    return text + "".join(f"{note}\n" for note in notes)
 
 
 def _cert_lines(index: int, cert: CertFacts) -> list[str]:
@@ -64,13 +58,31 @@ def debug_report(result: ProbeResult, module: Module, metrics_text: str) -> str:
         f"Address: {result.address or '-'} (IPv{result.ip_protocol or '?'})",
         "",
         "Transcript (seconds since start; C: sent, S: received, *: event;"
-        " the probe never sends credentials):",
+        " secrets sent are shown as ********):",
     ]
     lines += [
         f"  {line.offset_seconds:9.6f} {line.direction}: {line.text}" for line in result.transcript
     ]
     lines += ["", "Phases:"]
     lines += [f"  {phase}: {seconds:.6f}s" for phase, seconds in result.phase_durations]
+    if result.login_success is not None:
+        lines += ["", f"Login: {'success' if result.login_success else 'failed'}"]
+    if result.mailbox is not None:
+        oldest = result.mailbox.oldest_message_timestamp
+        lines.append(
+            f"Mailbox: {result.mailbox.messages} messages, {result.mailbox.size_bytes} octets"
+            + (f", message 1 dated {_iso(oldest)}" if oldest is not None else "")
+        )
+    if result.delivery is not None:
+        seen = (
+            f"seen {result.delivery.seconds:.3f}s after the SMTP server accepted it"
+            if result.delivery.seconds is not None
+            else "not seen"
+        )
+        lines.append(
+            f"Delivery: message {seen}; {result.delivery.late_messages} late message(s)"
+            f" deleted, {result.delivery.cleanup_failures} cleanup failure(s)"
+        )
     lines += ["", "TLS:"]
     tls = result.tls
     if tls is None:
@@ -83,15 +95,15 @@ def debug_report(result: ProbeResult, module: Module, metrics_text: str) -> str:
             f"  version: {tls.version or '-'}",
             f"  cipher: {tls.cipher or '-'}",
             f"  verified: {verified}",
-            f"  presented chain ({len(tls.presented_chain)} certificates):",
+            f"  presented chain ({plural(len(tls.presented_chain), 'certificate')}):",
         ]
         for index, cert in enumerate(tls.presented_chain):
             lines += _cert_lines(index, cert)
         if tls.verified_chain:
-            lines.append(f"  verified chain ({len(tls.verified_chain)} certificates):")
+            lines.append(f"  verified chain ({plural(len(tls.verified_chain), 'certificate')}):")
             for index, cert in enumerate(tls.verified_chain):
                 lines += _cert_lines(index, cert)
-    lines += ["", f"Module {module.name}:"]
-    lines += describe_module(module)
-    lines += ["", "Metrics that would have been returned:", metrics_text]
+    lines += ["", f"Module {module.name}, as a configuration file:"]
+    lines.append(module_yaml(module))
+    lines += ["Metrics that would have been returned:", metrics_text]
     return "\n".join(lines)

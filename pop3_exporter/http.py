@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import html
 import logging
 import math
 import re
 import ssl
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -24,18 +22,24 @@ from pop3_exporter.config import (
     Config,
     Module,
     TLSMode,
-    default_config,
-    load_config,
+    format_duration,
 )
-from pop3_exporter.errors import ConfigError, TargetError
-from pop3_exporter.metrics import ExporterMetrics, probe_registry
+from pop3_exporter.credentials import CredentialError
+from pop3_exporter.delivery import DeliveryRuntime
+from pop3_exporter.errors import TargetError
+from pop3_exporter.logs import fields
+from pop3_exporter.metrics import (
+    ExporterMetrics,
+    InvalidRequestReason,
+    probe_registry,
+)
 from pop3_exporter.policy import TargetRefusedError
-from pop3_exporter.prober import AddressCheck, probe_pop3
+from pop3_exporter.prober import AddressCheck, Pop3Prober
 from pop3_exporter.render import ProbeRenderer
-from pop3_exporter.resolver import Resolver, SystemResolver
+from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import ProbeResult
+from pop3_exporter.runtime import ConfigHolder
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
-from pop3_exporter.tlsinfo import build_ssl_context
 from pop3_exporter.webconfig import BasicAuth
 
 logger = logging.getLogger("pop3_exporter")
@@ -46,102 +50,22 @@ SCHEME_MODULES: Mapping[str, str] = MappingProxyType({"pop3": "pop3", "pop3s": "
 
 
 class Prober(Protocol):
-    """What /probe calls. ``address_check`` is passed only when the target policy has
-    address (cidr) rules; it must be called with the address right before connecting,
-    and what it raises (TargetRefusedError) must propagate."""
+    """What /probe calls, with the probe's timeout in seconds. ``address_check`` is
+    passed only when the target policy has address (cidr) rules; it must be called
+    with the address right before connecting, and what it raises (TargetRefusedError)
+    must propagate."""
 
     async def __call__(
         self,
         target: ProbeTarget,
         module: Module,
-        deadline: float,
+        timeout_seconds: float,
         *,
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
         address_check: AddressCheck | None = None,
+        delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult: ...
-
-
-class Pop3Prober:
-    """The real prober with its resolver bound."""
-
-    def __init__(self, resolver: Resolver | None = None) -> None:
-        self._resolver = resolver or SystemResolver()
-
-    async def __call__(
-        self,
-        target: ProbeTarget,
-        module: Module,
-        deadline: float,
-        *,
-        ssl_context: ssl.SSLContext | None,
-        record_transcript: bool,
-        address_check: AddressCheck | None = None,
-    ) -> ProbeResult:
-        return await probe_pop3(
-            target,
-            module,
-            deadline,
-            resolver=self._resolver,
-            ssl_context=ssl_context,
-            record_transcript=record_transcript,
-            address_check=address_check,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Runtime:
-    """A loaded configuration with what is built from it once (TLS contexts)."""
-
-    config: Config
-    ssl_contexts: Mapping[str, ssl.SSLContext]
-
-
-def build_runtime(config: Config) -> Runtime:
-    contexts: dict[str, ssl.SSLContext] = {}
-    by_tls_config: dict[object, ssl.SSLContext] = {}
-    for name, module in config.modules.items():
-        if not module.uses_tls:
-            continue
-        if module.tls_config not in by_tls_config:
-            try:
-                by_tls_config[module.tls_config] = build_ssl_context(module.tls_config)
-            except ConfigError as exc:
-                raise ConfigError(f"{config.source}: module {name}: {exc}") from exc
-        contexts[name] = by_tls_config[module.tls_config]
-    return Runtime(config=config, ssl_contexts=MappingProxyType(contexts))
-
-
-class ConfigHolder:
-    """The current runtime; replaced whole on a successful reload, kept on a failed one."""
-
-    def __init__(self, path: str | None, metrics: ExporterMetrics) -> None:
-        self.path = path
-        self.metrics = metrics
-        self.runtime = self._load()
-        self._mark(success=True)
-
-    def _load(self) -> Runtime:
-        config = load_config(self.path) if self.path else default_config()
-        return build_runtime(config)
-
-    def _mark(self, *, success: bool) -> None:
-        self.metrics.reload_success.set(1 if success else 0)
-        if success:
-            self.metrics.reload_timestamp.set(time.time())
-
-    def reload(self) -> str | None:
-        """Reload from disk; returns None on success, else the reason it was refused."""
-        try:
-            runtime = self._load()
-        except ConfigError as exc:
-            self._mark(success=False)
-            logger.error("config reload failed, keeping the old config: %s", exc)
-            return str(exc)
-        self.runtime = runtime
-        self._mark(success=True)
-        logger.info("config reloaded from %s", self.path or "<built-in>")
-        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,13 +121,20 @@ RETRY_AFTER_SECONDS = 1
 
 
 class BadRequest(Exception):
-    """A /probe request we refuse with HTTP 400 and this one-line reason."""
+    """A /probe request we refuse with HTTP 400 and this one-line reason; ``reason``
+    is what pop3_exporter_probe_requests_invalid_total counts it under."""
+
+    def __init__(self, reason: InvalidRequestReason, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _single(request: web.Request, name: str) -> str | None:
     values = request.query.getall(name, [])
     if len(values) > 1:
-        raise BadRequest(f"parameter '{name}' given more than once")
+        raise BadRequest(
+            InvalidRequestReason.REPEATED_PARAMETER, f"parameter '{name}' given more than once"
+        )
     return values[0] if values else None
 
 
@@ -213,14 +144,20 @@ def _check_parameter_names(request: web.Request) -> None:
             known = ", ".join(sorted(PROBE_PARAMETERS))
             # repr() and a cap: the name is attacker-chosen and goes back in the reply.
             shown = repr(name[:64]) + ("..." if len(name) > 64 else "")
-            raise BadRequest(f"unknown parameter {shown}; known parameters: {known}")
+            raise BadRequest(
+                InvalidRequestReason.UNKNOWN_PARAMETER,
+                f"unknown parameter {shown}; known parameters: {known}",
+            )
 
 
 def _module_name(request: web.Request) -> str | None:
     name = _single(request, "module")
     if name is not None and not MODULE_NAME_PATTERN.fullmatch(name):
         # Checked before the name is echoed in 'unknown module' messages.
-        raise BadRequest("parameter 'module' must be 1-64 characters from A-Z a-z 0-9 _ . -")
+        raise BadRequest(
+            InvalidRequestReason.BAD_MODULE,
+            "parameter 'module' must be 1-64 characters from A-Z a-z 0-9 _ . -",
+        )
     return name
 
 
@@ -232,17 +169,27 @@ def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) ->
     if module_name is None:
         if spec.scheme is None:
             raise BadRequest(
+                InvalidRequestReason.BAD_MODULE,
                 "parameter 'module' is required unless the target is a pop3:// or pop3s:// URL;"
-                f" known modules: {_known_modules(config)}"
+                f" known modules: {_known_modules(config)}",
             )
         module_name = SCHEME_MODULES[spec.scheme]
     module = config.modules.get(module_name)
     if module is None:
-        raise BadRequest(f"unknown module {module_name!r}; known modules: {_known_modules(config)}")
+        raise BadRequest(
+            InvalidRequestReason.UNKNOWN_MODULE,
+            f"unknown module {module_name!r}; known modules: {_known_modules(config)}",
+        )
     if spec.scheme == "pop3s" and module.tls is not TLSMode.IMPLICIT:
-        raise BadRequest(f"pop3s:// target needs a module with tls: implicit, not {module.name}")
+        raise BadRequest(
+            InvalidRequestReason.BAD_MODULE,
+            f"pop3s:// target needs a module with tls: implicit, not {module.name}",
+        )
     if spec.scheme == "pop3" and module.tls is TLSMode.IMPLICIT:
-        raise BadRequest(f"pop3:// target cannot use the implicit-TLS module {module.name}")
+        raise BadRequest(
+            InvalidRequestReason.BAD_MODULE,
+            f"pop3:// target cannot use the implicit-TLS module {module.name}",
+        )
     return module
 
 
@@ -251,14 +198,19 @@ def probe_timeout(module: Module, header: str | None, offset: float) -> float:
     offset would leave nothing."""
     if header is None:
         return module.timeout
+    invalid = InvalidRequestReason.BAD_SCRAPE_TIMEOUT
     if not _SCRAPE_TIMEOUT_FORMAT.fullmatch(header):
-        raise BadRequest(f"header {SCRAPE_TIMEOUT_HEADER} is not a number: {header[:32]!r}")
+        raise BadRequest(
+            invalid, f"header {SCRAPE_TIMEOUT_HEADER} is not a number: {header[:32]!r}"
+        )
     try:
         scrape_timeout = float(header)
     except ValueError:
-        raise BadRequest(f"header {SCRAPE_TIMEOUT_HEADER} is not a number: {header!r}") from None
+        raise BadRequest(
+            invalid, f"header {SCRAPE_TIMEOUT_HEADER} is not a number: {header!r}"
+        ) from None
     if not math.isfinite(scrape_timeout) or scrape_timeout <= 0:
-        raise BadRequest(f"header {SCRAPE_TIMEOUT_HEADER} must be above zero")
+        raise BadRequest(invalid, f"header {SCRAPE_TIMEOUT_HEADER} must be above zero")
     budget = scrape_timeout - offset
     if budget <= 0:
         budget = scrape_timeout
@@ -287,21 +239,23 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
         _check_parameter_names(request)
         raw_target = _single(request, "target")
         if raw_target is None or raw_target == "":
-            raise BadRequest("parameter 'target' is required")
+            raise BadRequest(InvalidRequestReason.BAD_TARGET, "parameter 'target' is required")
         try:
             spec = parse_target(raw_target)
         except TargetError as exc:
-            raise BadRequest(f"bad target: {exc}") from None
+            raise BadRequest(InvalidRequestReason.BAD_TARGET, f"bad target: {exc}") from None
         module = _choose_module(runtime.config, spec, _module_name(request))
         debug_text = _single(request, "debug")
         if debug_text not in (None, "true", "false"):
-            raise BadRequest("parameter 'debug' must be true or false")
+            raise BadRequest(
+                InvalidRequestReason.BAD_DEBUG, "parameter 'debug' must be true or false"
+            )
         debug = debug_text == "true"
         timeout = probe_timeout(
             module, request.headers.get(SCRAPE_TIMEOUT_HEADER), app[SETTINGS_KEY].timeout_offset
         )
     except BadRequest as exc:
-        return web.Response(status=400, text=f"{exc}\n")
+        return _invalid(app[METRICS_KEY], exc)
 
     target = ProbeTarget(spec.host, spec.port or module.port, spec.is_ip_literal)
     metrics = app[METRICS_KEY]
@@ -328,31 +282,38 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             text=f"too many probes in flight (limit {gate.limit}); try again later\n",
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
-    deadline = asyncio.get_running_loop().time() + timeout
     metrics.in_flight.inc()
     try:
         result = await app[PROBER_KEY](
             target,
             module,
-            deadline,
+            timeout,
             ssl_context=runtime.ssl_contexts.get(module.name),
             record_transcript=debug,
+            delivery=runtime.deliveries.get(module.name),
             **extra,
         )
     except TargetRefusedError as exc:
         return _refused(metrics, target, exc)
+    except CredentialError as exc:
+        # The exporter's own setup is broken (a token file gone), not the target: the
+        # scrape fails, which the Pop3ProbeScrapeFailing alert catches.
+        logger.error("cannot read credentials", extra=fields(module=module.name, err=str(exc)))
+        return web.Response(status=500, text=f"cannot read credentials: {exc}\n")
     finally:
         metrics.in_flight.dec()
         gate.leave()
     metrics.record_probe(module.name, result)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
-            "probe done target=%s module=%s success=%s reason=%s duration=%.4f",
-            target,
-            module.name,
-            result.success,
-            result.failure_reason,
-            result.duration_seconds,
+            "probe done",
+            extra=fields(
+                target=str(target),
+                module=module.name,
+                success=result.success,
+                reason=result.failure_reason,
+                duration_seconds=round(result.duration_seconds, 6),
+            ),
         )
     if debug:
         from pop3_exporter.debug import debug_report
@@ -367,12 +328,19 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+def _invalid(metrics: ExporterMetrics, exc: BadRequest) -> web.Response:
+    metrics.probe_requests_invalid.labels(exc.reason.value).inc()
+    # Debug, not info: whoever can reach /probe could otherwise flood the log.
+    logger.debug("probe request invalid", extra=fields(reason=exc.reason, err=str(exc)))
+    return web.Response(status=400, text=f"{exc}\n")
+
+
 def _refused(
     metrics: ExporterMetrics, target: ProbeTarget, exc: TargetRefusedError
 ) -> web.Response:
     metrics.probes_refused.labels(exc.reason.value).inc()
     # Debug, not info: whoever can reach /probe could otherwise flood the log.
-    logger.debug("probe refused target=%s reason=%s: %s", target, exc.reason, exc)
+    logger.debug("probe refused", extra=fields(target=str(target), reason=exc.reason, err=str(exc)))
     return web.Response(status=403, text=f"target refused by policy: {exc}\n")
 
 
@@ -393,25 +361,37 @@ async def handle_reload(request: web.Request) -> web.StreamResponse:
     return web.Response(text="config reloaded\n")
 
 
+# The landing page's form starts with this module (when configured): implicit TLS on
+# port 995 is what most POP3 servers offer today.
+INDEX_DEFAULT_MODULE = "pop3s"
+
+
+def _module_options(config: Config) -> str:
+    selected = INDEX_DEFAULT_MODULE if INDEX_DEFAULT_MODULE in config.modules else None
+    return "".join(
+        f'<option value="{html.escape(name)}"{" selected" if name == selected else ""}>'
+        f"{html.escape(name)}</option>"
+        for name in sorted(config.modules)
+    )
+
+
 async def handle_index(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY].runtime.config
     rows = "\n".join(
         f"<tr><td>{html.escape(name)}</td><td>{module.tls}</td><td>{module.port}</td>"
-        f"<td>{module.timeout:g}s</td></tr>"
+        f"<td>{format_duration(module.timeout)}</td></tr>"
         for name, module in sorted(config.modules.items())
     )
+    # No port in the placeholder: a target without one gets the module's port (see the
+    # table), so the example fits whichever module is selected.
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>POP3 Exporter</title></head>
 <body>
 <h1>POP3 Exporter {html.escape(__version__)}</h1>
 <form action="probe" method="get">
-<label>Target: <input type="text" name="target" placeholder="pop.example.com:995"></label>
-<label>Module: <select name="module">{
-        "".join(
-            f'<option value="{html.escape(n)}">{html.escape(n)}</option>'
-            for n in sorted(config.modules)
-        )
-    }</select></label>
+<label>Target: <input type="text" name="target" placeholder="pop.example.com"
+ title="host or host:port; without a port, the module's port"></label>
+<label>Module: <select name="module">{_module_options(config)}</select></label>
 <label>Debug: <input type="checkbox" name="debug" value="true"></label>
 <input type="submit" value="Probe">
 </form>
@@ -444,7 +424,7 @@ def create_app(
     app = web.Application(middlewares=[auth.middleware()] if auth is not None else [])
     app[CONFIG_KEY] = holder
     app[METRICS_KEY] = holder.metrics
-    app[PROBER_KEY] = prober or Pop3Prober()
+    app[PROBER_KEY] = prober or Pop3Prober(DnsResolver())
     app[SETTINGS_KEY] = settings or Settings()
     gate = ProbeGate(app[SETTINGS_KEY].max_concurrent_probes)
     app[GATE_KEY] = gate

@@ -3,6 +3,7 @@ exporter's own metrics."""
 
 from __future__ import annotations
 
+import enum
 import platform
 from collections.abc import Iterator, Sequence
 
@@ -20,10 +21,21 @@ from prometheus_client.registry import Collector
 from pop3_exporter import __version__
 from pop3_exporter.config import TLSMode
 from pop3_exporter.policy import RefusalReason
-from pop3_exporter.result import FailureReason, Phase, ProbeResult
+from pop3_exporter.result import (
+    REGISTERED_CAPABILITIES,
+    CertFacts,
+    FailureReason,
+    Phase,
+    ProbeResult,
+)
 
 MAX_LABEL_LENGTH = 256
 MAX_SHORT_LABEL_LENGTH = 64
+# Per-certificate series are written for the first this many certificates of the
+# presented chain (leaf first); real chains have 2-4. probe_tls_cert_chain_length
+# says how many there were, so that a cut chain shows.
+MAX_CHAIN_CERTS = 10
+_CHAIN_NUMBERS = tuple(str(number) for number in range(MAX_CHAIN_CERTS))
 # Enum .value is a descriptor call; these are read for every probe.
 _FAILURE_REASONS = tuple((reason, reason.value) for reason in FailureReason)
 _PHASE_VALUES = {phase: phase.value for phase in Phase}
@@ -91,6 +103,7 @@ class ProbeCollector(Collector):
         probe_pop3_duration_seconds{phase="tls"} 0.0081
         probe_pop3_failure{reason="connect_refused"} 0.0
         probe_pop3_capability{capability="UIDL"} 1.0
+        probe_pop3_capabilities_unregistered 0.0
         probe_tls_valid 1.0
         probe_ssl_earliest_cert_expiry 1.7999e+09
         probe_tls_version_info{version="TLS 1.3"} 1.0
@@ -155,14 +168,75 @@ class ProbeCollector(Collector):
         for reason, reason_value in _FAILURE_REASONS:
             failure.add_metric([reason_value], float(reason is result.failure_reason))
         yield failure
-        capability = ProbeFamily(
-            "probe_pop3_capability",
-            "1 for each capability the server advertised (after STLS where used).",
-            labels=["capability"],
-        )
-        for name in result.capabilities:
-            capability.add_metric([sanitize_label(name, MAX_SHORT_LABEL_LENGTH)], 1.0)
-        yield capability
+        capabilities = result.capabilities
+        if capabilities is not None:
+            capability = ProbeFamily(
+                "probe_pop3_capability",
+                "1 for each capability of the IANA POP3 extension registry the server"
+                " advertised, 0 for the others (after STLS where used).",
+                labels=["capability"],
+            )
+            for name in REGISTERED_CAPABILITIES:
+                capability.add_metric([name], float(name in capabilities.names))
+            yield capability
+            yield _gauge(
+                "probe_pop3_capabilities_unregistered",
+                "Number of distinct advertised capabilities outside the IANA registry.",
+                float(capabilities.unregistered),
+            )
+            if capabilities.login_delay_seconds is not None:
+                yield _gauge(
+                    "probe_pop3_login_delay_seconds",
+                    "LOGIN-DELAY advertised in CAPA: the least time between two logins.",
+                    float(capabilities.login_delay_seconds),
+                )
+        if result.login_success is not None:
+            yield _gauge(
+                "probe_pop3_login_success",
+                "1 if the login succeeded (modules with auth only).",
+                float(result.login_success),
+            )
+        mailbox = result.mailbox
+        if mailbox is not None:
+            yield _gauge(
+                "probe_pop3_mailbox_messages",
+                "Messages in the maildrop (STAT after login).",
+                float(mailbox.messages),
+            )
+            yield _gauge(
+                "probe_pop3_mailbox_size_bytes",
+                "Size of the maildrop in octets (STAT after login).",
+                float(mailbox.size_bytes),
+            )
+            if mailbox.oldest_message_timestamp is not None:
+                yield _gauge(
+                    "probe_pop3_mailbox_oldest_message_timestamp_seconds",
+                    "Date header of message 1 (unix time), when there is one.",
+                    mailbox.oldest_message_timestamp,
+                )
+        delivery = result.delivery
+        if delivery is not None:
+            yield _gauge(
+                "probe_mail_delivery_success",
+                "1 if the message sent over SMTP was seen over POP3 by the deadline.",
+                float(delivery.success),
+            )
+            if delivery.seconds is not None:
+                yield _gauge(
+                    "probe_mail_delivery_seconds",
+                    "From the SMTP server accepting the message to the poll that saw it.",
+                    delivery.seconds,
+                )
+            yield _gauge(
+                "probe_mail_delivery_late_messages",
+                "Messages of earlier probes that arrived after their deadline, deleted now.",
+                float(delivery.late_messages),
+            )
+            yield _gauge(
+                "probe_mail_delivery_cleanup_failures",
+                "Messages of this exporter that it could not delete.",
+                float(delivery.cleanup_failures),
+            )
         if self._tls_mode is not TLSMode.IMPLICIT and result.plaintext_auth_exposed is not None:
             yield _gauge(
                 "probe_pop3_plaintext_auth_exposed",
@@ -173,6 +247,19 @@ class ProbeCollector(Collector):
 
     def _tls_metrics(self) -> Iterator[ProbeFamily]:
         result = self._result
+        if result.legacy_tls_versions:
+            # Own connections, so also known when the probe's handshake was not reached.
+            legacy = ProbeFamily(
+                "probe_tls_legacy_version_accepted",
+                "1 if an extra handshake limited to this legacy TLS version succeeded,"
+                " 0 if the server refused it; absent when unknown.",
+                labels=["version"],
+            )
+            for version, accepted in result.legacy_tls_versions:
+                legacy.add_metric(
+                    [sanitize_label(version, MAX_SHORT_LABEL_LENGTH)], float(accepted)
+                )
+            yield legacy
         tls = result.tls
         attempted = any(phase is Phase.TLS for phase, _ in result.phase_durations)
         if not attempted:
@@ -231,6 +318,62 @@ class ProbeCollector(Collector):
                 1.0,
             )
             yield chain_info
+            yield from _chain_metrics(tls.presented_chain)
+
+
+def _chain_metrics(chain: Sequence[CertFacts]) -> Iterator[ProbeFamily]:
+    """Per-certificate series of the presented chain; chain_no (the position, 0 for the
+    leaf) keeps every series of a family distinct whatever the certificates say."""
+    yield _gauge(
+        "probe_tls_cert_chain_length",
+        "Number of certificates the server presented; per-certificate series cover"
+        f" the first {MAX_CHAIN_CERTS}.",
+        float(len(chain)),
+    )
+    shown = tuple(zip(_CHAIN_NUMBERS, chain, strict=False))
+    not_before = ProbeFamily(
+        "probe_tls_cert_not_before_timestamp_seconds",
+        "NotBefore (unix time) of each presented certificate; chain_no 0 is the leaf.",
+        labels=["chain_no"],
+    )
+    not_after = ProbeFamily(
+        "probe_tls_cert_not_after_timestamp_seconds",
+        "NotAfter (unix time) of each presented certificate; chain_no 0 is the leaf.",
+        labels=["chain_no"],
+    )
+    key_bits = ProbeFamily(
+        "probe_tls_cert_key_bits",
+        "Public key size in bits of each presented certificate, by key algorithm.",
+        labels=["chain_no", "key_algorithm"],
+    )
+    info = ProbeFamily(
+        "probe_tls_cert_info",
+        "Names, serial and signature algorithm of each presented certificate.",
+        labels=["chain_no", "subject", "issuer", "serial", "signature_algorithm"],
+    )
+    for number, cert in shown:
+        not_before.add_metric([number], cert.not_before)
+        not_after.add_metric([number], cert.not_after)
+        if cert.key_bits is not None:
+            key_bits.add_metric(
+                [number, sanitize_label(cert.key_algorithm, MAX_SHORT_LABEL_LENGTH)],
+                float(cert.key_bits),
+            )
+        info.add_metric(
+            [
+                number,
+                sanitize_label(cert.subject),
+                sanitize_label(cert.issuer),
+                sanitize_label(cert.serial_number, MAX_SHORT_LABEL_LENGTH),
+                sanitize_label(cert.signature_algorithm, MAX_SHORT_LABEL_LENGTH),
+            ],
+            1.0,
+        )
+    yield not_before
+    yield not_after
+    if key_bits.samples:
+        yield key_bits
+    yield info
 
 
 def _gauge(name: str, documentation: str, value: float) -> ProbeFamily:
@@ -248,6 +391,23 @@ def probe_registry(result: ProbeResult, tls_mode: TLSMode) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ProbeCollector(result, tls_mode))
     return registry
+
+
+class InvalidRequestReason(enum.StrEnum):
+    """Why a /probe request was answered HTTP 400: the label values of
+    pop3_exporter_probe_requests_invalid_total (a fixed, small set)."""
+
+    UNKNOWN_PARAMETER = "unknown_parameter"
+    REPEATED_PARAMETER = "repeated_parameter"
+    # Missing, empty or malformed target.
+    BAD_TARGET = "bad_target"
+    # A well-formed module name that is not configured (a Prometheus job out of step
+    # with the exporter's configuration).
+    UNKNOWN_MODULE = "unknown_module"
+    # Missing or malformed module, or one that does not fit a pop3:// / pop3s:// target.
+    BAD_MODULE = "bad_module"
+    BAD_DEBUG = "bad_debug"
+    BAD_SCRAPE_TIMEOUT = "bad_scrape_timeout"
 
 
 class ExporterMetrics:
@@ -295,11 +455,19 @@ class ExporterMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.probe_requests_invalid = Counter(
+            "pop3_exporter_probe_requests_invalid",
+            "Probe requests answered HTTP 400 (unprobed), by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
         # Exported at 0 from the start, so that alerts on rate() see every series.
         for refusal in RefusalReason:
             self.probes_refused.labels(refusal.value)
         for reason in ("concurrency_limit", "shutting_down"):
             self.probes_rejected.labels(reason)
+        for invalid in InvalidRequestReason:
+            self.probe_requests_invalid.labels(invalid.value)
         self.reload_success = Gauge(
             "pop3_exporter_config_last_reload_successful",
             "Whether the last configuration reload attempt was successful.",

@@ -164,7 +164,7 @@ def _show(host: str | None) -> str:
 class NodeReader(Protocol):
     """What policy parsing needs from config.py's YAML walker (its _Source)."""
 
-    def error(self, node: yaml.Node, message: str) -> Exception: ...
+    def error(self, node: yaml.Node, message: str, *, key: str = "") -> Exception: ...
 
     def mapping(
         self, node: yaml.Node, where: str, allowed: set[str]
@@ -186,7 +186,9 @@ def parse_policy(reader: NodeReader, node: yaml.Node) -> Policy:
         value_node = entries["default"][1]
         text = reader.string(value_node, "policy.default")
         if text not in ("allow", "deny"):
-            raise reader.error(value_node, f"'policy.default' must be allow or deny, got {text!r}")
+            raise reader.error(
+                value_node, f"must be allow or deny, got {text!r}", key="policy.default"
+            )
         default_allow = text == "allow"
     rules: dict[str, tuple[Rule, ...]] = {}
     for kind in ("allow", "deny"):
@@ -197,8 +199,7 @@ def parse_policy(reader: NodeReader, node: yaml.Node) -> Policy:
         # Deny wins over allow, so with a default of allow these rules could never
         # change a decision; saying so beats silently ignoring them.
         raise reader.error(
-            entries["allow"][0],
-            "'policy.allow' has no effect unless 'policy.default' is deny",
+            entries["allow"][0], "has no effect unless policy.default is deny", key="policy.allow"
         )
     return Policy(default_allow=default_allow, allow=allow, deny=rules.get("deny", ()))
 
@@ -207,7 +208,7 @@ def _parse_rules(reader: NodeReader, node: yaml.Node, where: str) -> tuple[Rule,
     if isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null":
         return ()
     if not isinstance(node, yaml.SequenceNode):
-        raise reader.error(node, f"'{where}' must be a list of rules")
+        raise reader.error(node, "must be a list of rules", key=where)
     return tuple(
         _parse_rule(reader, item, f"{where}[{index}]") for index, item in enumerate(node.value)
     )
@@ -217,7 +218,7 @@ def _parse_rule(reader: NodeReader, node: yaml.Node, where: str) -> Rule:
     entries = reader.mapping(node, where, _RULE_KEYS)
     if not entries:
         keys = ", ".join(sorted(_RULE_KEYS))
-        raise reader.error(node, f"'{where}' needs at least one of {keys}")
+        raise reader.error(node, f"needs at least one of {keys}", key=where)
     networks: tuple[IPNetwork, ...] | None = None
     names: list[re.Pattern[str]] = []
     ports: tuple[PortRange, ...] | None = None
@@ -239,53 +240,53 @@ def _scalar_list(reader: NodeReader, node: yaml.Node, where: str) -> list[tuple[
     """A single value or a non-empty list of values, each with its node for errors."""
     nodes = node.value if isinstance(node, yaml.SequenceNode) else [node]
     if not nodes:
-        raise reader.error(node, f"'{where}' must not be an empty list")
+        raise reader.error(node, "must not be an empty list", key=where)
     return [(item, reader.scalar(item, where)) for item in nodes]
 
 
 def _parse_network(reader: NodeReader, node: yaml.Node, value: Any, where: str) -> IPNetwork:
     if not isinstance(value, str):
-        raise reader.error(node, f"'{where}' must be a CIDR range such as 10.0.0.0/8")
+        raise reader.error(node, "must be a CIDR range such as 10.0.0.0/8", key=where)
     try:
         network = ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        raise reader.error(node, f"'{where}': {exc}") from None
+        raise reader.error(node, str(exc), key=where) from None
     if isinstance(network, ipaddress.IPv6Network) and network.subnet_of(_IPV4_MAPPED):
         # Addresses are matched with IPv4-mapped IPv6 turned into IPv4 first.
-        raise reader.error(node, f"'{where}': write IPv4-mapped ranges in IPv4 form")
+        raise reader.error(node, "write IPv4-mapped ranges in IPv4 form", key=where)
     return network
 
 
 def _parse_glob(reader: NodeReader, node: yaml.Node, value: Any, where: str) -> re.Pattern[str]:
     if not isinstance(value, str) or not value:
-        raise reader.error(node, f"'{where}' must be a host name pattern such as *.example.com")
+        raise reader.error(node, "must be a host name pattern such as *.example.com", key=where)
     glob = normalize_name(value)
     if not _GLOB_CHARACTERS.match(glob):
         raise reader.error(
             node,
-            f"'{where}': {value!r} may hold only host name characters, * and ?"
-            " (use host_regex for more)",
+            f"{value!r} may hold only host name characters, * and ? (use host_regex for more)",
+            key=where,
         )
     if _looks_like_address(glob):
-        raise reader.error(node, f"'{where}': {value!r} is an address; use cidr for addresses")
+        raise reader.error(node, f"{value!r} is an address; use cidr for addresses", key=where)
     return re.compile(fnmatch.translate(glob))
 
 
 def _parse_regex(reader: NodeReader, node: yaml.Node, value: Any, where: str) -> re.Pattern[str]:
     if not isinstance(value, str) or not value:
-        raise reader.error(node, f"'{where}' must be a regular expression")
+        raise reader.error(node, "must be a regular expression", key=where)
     try:
         # Names are matched lower-cased and whole (fullmatch); IGNORECASE spares the
         # author from having to know that.
         return re.compile(value, re.IGNORECASE)
     except re.error as exc:
-        raise reader.error(node, f"'{where}': bad regex: {exc}") from None
+        raise reader.error(node, f"bad regex: {exc}", key=where) from None
 
 
 def _parse_ports(reader: NodeReader, node: yaml.Node, value: Any, where: str) -> PortRange:
-    message = f"'{where}' entries must be ports 1-65535 or ranges such as 1000-2000"
+    message = "entries must be ports 1-65535 or ranges such as 1000-2000"
     if isinstance(value, bool):
-        raise reader.error(node, message)
+        raise reader.error(node, message, key=where)
     if isinstance(value, int):
         first = last = value
     elif isinstance(value, str) and (match := _PORT_RANGE.match(value)):
@@ -293,9 +294,9 @@ def _parse_ports(reader: NodeReader, node: yaml.Node, value: Any, where: str) ->
     elif isinstance(value, str) and value.isdigit() and value.isascii():
         first = last = int(value)
     else:
-        raise reader.error(node, message)
+        raise reader.error(node, message, key=where)
     if not 1 <= first <= last <= 65535:
-        raise reader.error(node, message)
+        raise reader.error(node, message, key=where)
     return PortRange(first, last)
 
 

@@ -4,25 +4,29 @@ TLS runs over ssl.SSLObject and memory BIOs on the raw stream instead of asyncio
 TLS transport, because we need the SSL object after a failed handshake (to report the
 certificates presented) and full control of the plaintext buffer around STLS.
 
-Connections we open ourselves read the socket directly (_SocketStream) rather than
-through asyncio's transport and StreamReader: fewer layers per probe, and on Linux the
-kernel's receive timestamp of each read, so that the greeting latency we report is
-when the greeting arrived, not when a busy event loop got round to it.
+Connections read the socket directly (SocketStream) rather than through asyncio's
+transport and StreamReader: fewer layers per probe, and on Linux the kernel's receive
+timestamp of each read, so that the greeting latency we report is when the greeting
+arrived, not when a busy event loop got round to it.
+
+What this module keeps per connection is bounded whatever the server sends: at most
+one read chunk unread in the stream, one line (MAX_LINE_BYTES) being assembled, and
+multi-line replies capped as a whole (max_bytes), not only per line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import platform
 import socket
 import ssl
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from types import TracebackType
 
 from pop3_exporter.errors import (
     ConnectError,
@@ -32,28 +36,17 @@ from pop3_exporter.errors import (
     ProtocolError,
     TLSHandshakeError,
 )
-from pop3_exporter.result import CertFacts, TLSFacts
-from pop3_exporter.tlsinfo import (
-    cert_facts,
-    presented_chain_der,
-    tls_version_label,
-    verification_error,
-    verified_chain_der,
-)
+from pop3_exporter.tlsinfo import Handshake, handshake_record, verification_error
 
 # RFC 2449 caps response lines at 512 octets; real servers stay far below. We allow
 # more before calling it a protocol error, so that a chatty banner is not a failure.
 MAX_LINE_BYTES = 4096
-# More capability lines than this is abuse, and each would become a label value.
-MAX_CAPA_LINES = 256
+# A whole multi-line reply (CAPA, TOP headers, UIDL) is capped too: per line alone,
+# 256 lines of 4 KiB would let each probe of a hostile server hold megabytes.
+# A real CAPA reply is a few hundred bytes; the headers of one message rarely pass
+# 16 KiB.
+MAX_REPLY_BYTES = 64 * 1024
 _READ_CHUNK = 65536
-# Distinct certificate chains whose parsed facts are kept. A target presents the same
-# chain probe after probe, and parsing it (x509, names, SANs, SHA-256) cost about a
-# fifth of a TLS probe's CPU; the facts depend on the DER bytes alone. Chains above
-# the byte cap (typical ones are 1-5 KiB) are parsed every time, so that the cache
-# stays below about 2048 * 2 * 8 KiB whatever targets present.
-CERT_FACTS_CACHE_SIZE = 2048
-CERT_FACTS_CACHE_MAX_CHAIN_BYTES = 8192
 
 # SO_TIMESTAMPNS: the kernel stamps each received segment (CLOCK_REALTIME) and recvmsg
 # returns the stamp of the last one read. Python's socket module does not name it; 35
@@ -70,13 +63,17 @@ _ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size)
 # A kernel time later than the loop's by more than this means the wall clock stepped.
 _CLOCK_TOLERANCE = 0.001
 
+# (direction, text): "C" sent, "S" received, "*" an event.
 TranscriptSink = Callable[[str, str], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
+    """A status line. `continuation` is the "+ " of a SASL exchange (RFC 5034)."""
+
     ok: bool
     text: str  # the whole status line, without the line ending
+    continuation: bool = False
 
 
 def decode_line(raw: bytes) -> str:
@@ -84,13 +81,12 @@ def decode_line(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-class _SocketStream:
+class SocketStream:
     """A connected non-blocking socket, read by one reader callback on the loop.
 
-    It stands in for both StreamReader and StreamWriter (read, write, drain, close,
-    wait_closed). It reads as soon as the loop sees the socket readable, keeps at most
-    _READ_CHUNK bytes unread (then stops reading until they are taken), and notes when
-    the last data arrived: by the loop's clock, and by the kernel's where available.
+    It reads as soon as the loop sees the socket readable, keeps at most _READ_CHUNK
+    bytes unread (then stops reading until they are taken), and notes when the last
+    data arrived: by the loop's clock, and by the kernel's where available.
     """
 
     def __init__(
@@ -112,6 +108,12 @@ class _SocketStream:
         self.arrival_wall: float | None = None  # the kernel's time.time() for it
         self._start_reading()
 
+    @classmethod
+    def wrap(cls, sock: socket.socket) -> SocketStream:
+        """A stream on an already connected socket (made non-blocking here)."""
+        sock.setblocking(False)
+        return cls(asyncio.get_running_loop(), sock, timestamps=False)
+
     def _start_reading(self) -> None:
         if not (self._reading or self._eof or self._closed) and self._error is None:
             self._loop.add_reader(self._fd, self._on_readable)
@@ -124,11 +126,13 @@ class _SocketStream:
 
     def _on_readable(self) -> None:
         ancillary: list[tuple[int, int, bytes]] = []
+        # Never more than _READ_CHUNK unread in all, not per read.
+        room = _READ_CHUNK - len(self._buffer)
         try:
             if self._timestamps:
-                data, ancillary, _, _ = self._sock.recvmsg(_READ_CHUNK, _ANCILLARY_SIZE)
+                data, ancillary, _, _ = self._sock.recvmsg(room, _ANCILLARY_SIZE)
             else:
-                data = self._sock.recv(_READ_CHUNK)
+                data = self._sock.recv(room)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # includes ConnectionResetError
@@ -148,8 +152,8 @@ class _SocketStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def read(self, n: int = -1) -> bytes:
-        """Up to n bytes (all there are if n < 0); b"" once the peer has closed."""
+    async def read(self, n: int = _READ_CHUNK) -> bytes:
+        """Up to n bytes; b"" once the peer has closed. Raises OSError on a reset."""
         while not self._buffer:
             if self._error is not None:
                 raise self._error
@@ -163,7 +167,7 @@ class _SocketStream:
                 await self._waiter
             finally:
                 self._waiter = None
-        if 0 <= n < len(self._buffer):
+        if n < len(self._buffer):
             data = bytes(self._buffer[:n])
             del self._buffer[:n]
         else:
@@ -172,31 +176,27 @@ class _SocketStream:
         self._start_reading()
         return data
 
-    def write(self, data: bytes) -> None:
-        if self._closed or self._write_error is not None:
-            return
-        if self._pending:
-            self._pending += data
-            return
+    async def write(self, data: bytes) -> None:
+        """Send all of `data`; raises OSError when the connection is gone."""
+        if self._write_error is not None:
+            raise self._write_error
+        if self._closed:
+            raise ConnectionAbortedError("connection closed")
         try:
             sent = self._sock.send(data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._write_error = exc
-            return
+            raise
         if sent < len(data):
-            self._pending += data[sent:]
-
-    async def drain(self) -> None:
-        if self._write_error is not None:
-            raise self._write_error
-        if self._closed:
-            raise ConnectionAbortedError("connection closed")
-        if self._pending:
-            data = bytes(self._pending)
-            self._pending.clear()
-            await self._loop.sock_sendall(self._sock, data)
+            # The kernel's buffer is full: a server that does not read. Wait for it
+            # (bounded by the probe deadline, which cancels this).
+            try:
+                await self._loop.sock_sendall(self._sock, data[sent:])
+            except OSError as exc:
+                self._write_error = exc
+                raise
 
     def close(self) -> None:
         if self._closed:
@@ -210,9 +210,6 @@ class _SocketStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def wait_closed(self) -> None:
-        return None
-
 
 def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
     for level, kind, data in ancillary:
@@ -223,21 +220,24 @@ def _kernel_time(ancillary: list[tuple[int, int, bytes]]) -> float | None:
 
 
 class Pop3Connection:
-    """One TCP connection speaking POP3; owns the socket until close()."""
+    """One TCP connection speaking POP3; owns the stream until close().
+
+    Use it as an async context manager (or call close()): the socket is closed on exit
+    whatever happened, without waiting for the peer.
+    """
 
     def __init__(
         self,
-        reader: asyncio.StreamReader | _SocketStream,
-        writer: asyncio.StreamWriter | _SocketStream,
+        stream: SocketStream,
         *,
         transcript: TranscriptSink | None = None,
         max_line_bytes: int = MAX_LINE_BYTES,
+        started: tuple[float, float] | None = None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
-        # Set by connect(): (loop.time(), time.time()) just before the TCP connect, and
-        # the same pair for the arrival of the data that ended the last line read.
-        self._started: tuple[float, float] | None = None
+        self._stream = stream
+        # (loop.time(), time.time()) just before the TCP connect, and the same pair for
+        # the arrival of the data that ended the last line read.
+        self._started = started
         self._arrival: tuple[float, float | None] | None = None
         self._line_arrival: tuple[float, float | None] | None = None
         self._buffer = bytearray()
@@ -255,6 +255,7 @@ class Pop3Connection:
         *,
         source_address: str | None = None,
         transcript: TranscriptSink | None = None,
+        max_line_bytes: int = MAX_LINE_BYTES,
     ) -> Pop3Connection:
         family = socket.AF_INET6 if ":" in address else socket.AF_INET
         loop = asyncio.get_running_loop()
@@ -284,10 +285,19 @@ class Pop3Connection:
         except BaseException:  # cancelled, or the probe deadline
             sock.close()
             raise
-        stream = _SocketStream(loop, sock, timestamps=timestamps)
-        connection = cls(stream, stream, transcript=transcript)
-        connection._started = started
-        return connection
+        stream = SocketStream(loop, sock, timestamps=timestamps)
+        return cls(stream, transcript=transcript, max_line_bytes=max_line_bytes, started=started)
+
+    async def __aenter__(self) -> Pop3Connection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
     @property
     def tls_active(self) -> bool:
@@ -299,11 +309,10 @@ class Pop3Connection:
 
     async def _receive(self) -> bytes:
         try:
-            data = await self._reader.read(_READ_CHUNK)
+            data = await self._stream.read(_READ_CHUNK)
         except OSError as exc:  # includes ConnectionResetError
             raise ConnectionClosedError(f"connection lost: {exc}") from exc
-        if isinstance(self._reader, _SocketStream):
-            self._arrival = (self._reader.arrival, self._reader.arrival_wall)
+        self._arrival = (self._stream.arrival, self._stream.arrival_wall)
         return data
 
     def line_latency(self) -> float | None:
@@ -375,65 +384,84 @@ class Pop3Connection:
                 )
             await self._fill()
 
-    async def read_response(self) -> Response:
+    async def read_response(self, *, continuation: bool = False) -> Response:
+        """A status line: +OK or -ERR; with `continuation`, a SASL "+ " line too."""
         line = decode_line(await self.read_line())
         if line.startswith("+OK"):
             return Response(ok=True, text=line)
         if line.startswith("-ERR"):
             return Response(ok=False, text=line)
+        if continuation and (line == "+" or line.startswith("+ ")):
+            return Response(ok=True, text=line, continuation=True)
         raise ProtocolError(f"reply is neither +OK nor -ERR: {line[:80]!r}")
 
-    async def read_multiline(self, max_lines: int) -> list[str]:
-        """The body of a multi-line reply up to the "." line, with dot-unstuffing."""
-        lines: list[str] = []
-        while True:
+    async def multiline(self, max_lines: int) -> AsyncIterator[bytes]:
+        """The lines of a multi-line reply up to the "." line, dot-unstuffed, one at a
+        time: the caller keeps only what it needs. More than `max_lines` lines is a
+        protocol error. Stopping early leaves the connection out of step."""
+        for count in range(max_lines + 1):
             raw = await self.read_line()
             if raw == b".":
-                return lines
-            if raw.startswith(b"."):
-                raw = raw[1:]
-            if len(lines) >= max_lines:
-                raise ProtocolError(f"multi-line reply longer than {max_lines} lines")
-            lines.append(decode_line(raw))
+                return
+            if count == max_lines:
+                break
+            yield raw[1:] if raw.startswith(b".") else raw
+        raise ProtocolError(f"multi-line reply longer than {max_lines} lines")
 
-    async def send_command(self, command: str) -> None:
-        self._note("C", command)
-        data = command.encode("ascii") + b"\r\n"
+    async def read_multiline(self, max_lines: int, max_bytes: int = MAX_REPLY_BYTES) -> list[str]:
+        """The body of a multi-line reply, decoded. More than `max_lines` lines, or more
+        than `max_bytes` bytes in all, is a protocol error: a reply that is kept is
+        bounded as a whole, not only line by line."""
+        lines: list[str] = []
+        total = 0
+        async for raw in self.multiline(max_lines):
+            total += len(raw) + 2
+            if total > max_bytes:
+                raise ProtocolError(f"multi-line reply longer than {max_bytes} bytes")
+            lines.append(decode_line(raw))
+        return lines
+
+    async def send_command(self, command: str, *, shown: str | None = None) -> None:
+        """Send one command line. `shown` replaces it in the transcript (secrets)."""
+        if "\r" in command or "\n" in command:
+            # Config values are checked for this at load; a line break here would let
+            # one command smuggle another.
+            raise ValueError("a POP3 command must be one line")
+        self._note("C", command if shown is None else shown)
+        data = command.encode("utf-8") + b"\r\n"
         if self._tls is not None:
             self._tls.write(data)
             await self._flush_tls()
         else:
-            self._writer.write(data)
-            await self._drain()
+            await self._send(data)
 
-    async def command(self, command: str) -> Response:
-        await self.send_command(command)
+    async def command(self, command: str, *, shown: str | None = None) -> Response:
+        await self.send_command(command, shown=shown)
         return await self.read_response()
 
-    async def _drain(self) -> None:
+    async def _send(self, data: bytes) -> None:
         try:
-            await self._writer.drain()
+            await self._stream.write(data)
         except OSError as exc:
             raise ConnectionClosedError(f"connection lost while sending: {exc}") from exc
 
     async def _flush_tls(self) -> None:
         pending = self._outgoing.read()
         if pending:
-            self._writer.write(pending)
-            await self._drain()
+            await self._send(pending)
 
-    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> TLSFacts:
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str | None) -> Handshake:
         """TLS handshake on this connection (implicit TLS, or after STLS +OK).
 
         Plaintext already buffered is discarded first: anything a man in the middle
         injected after the STLS reply must never be read as a protected reply
-        (RFC 2595 section 4, RFC 3207 section 4.2).
+        (RFC 2595 section 4, RFC 3207 section 4.2). A failed handshake raises with
+        what was presented (Handshake), so that the chain can still be reported.
         """
         if self._buffer:
             self._note("*", f"discarded {len(self._buffer)} bytes of plaintext before TLS")
             self._buffer.clear()
         tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
-        verification_enabled = context.verify_mode != ssl.CERT_NONE
         while True:
             try:
                 tls.do_handshake()
@@ -444,62 +472,25 @@ class Pop3Connection:
                 if not data:
                     raise TLSHandshakeError(
                         "server closed the connection during the TLS handshake",
-                        _facts(tls, verification_enabled, verified=False),
+                        handshake_record(tls, context, verified=False),
                     ) from None
                 self._incoming.write(data)
             except ssl.SSLCertVerificationError as exc:
-                facts = _facts(tls, verification_enabled, verified=False, error=exc)
-                error_type = verification_error(exc)
-                raise error_type(f"certificate verify failed: {exc.verify_message}", facts) from exc
+                record = handshake_record(tls, context, verified=False, error=exc)
+                message = f"certificate verify failed: {exc.verify_message}"
+                raise verification_error(exc)(message, record) from exc
             except ssl.SSLError as exc:
-                facts = _facts(tls, verification_enabled, verified=False)
                 raise TLSHandshakeError(
-                    f"TLS handshake failed: {exc.reason or exc}", facts
+                    f"TLS handshake failed: {exc.reason or exc}",
+                    handshake_record(tls, context, verified=False),
                 ) from exc
         await self._flush_tls()
         self._tls = tls
-        facts = _facts(tls, verification_enabled, verified=verification_enabled)
-        self._note("*", f"TLS established: {facts.version} {facts.cipher}")
-        return facts
+        record = handshake_record(tls, context, verified=context.verify_mode != ssl.CERT_NONE)
+        self._note("*", f"TLS established: {record.version} {record.cipher}")
+        return record
 
-    async def close(self) -> None:
-        self._writer.close()
-        # The server may have reset first; the socket is closed either way.
+    def close(self) -> None:
+        """Close at once, without waiting for the peer (the result is already known)."""
         with contextlib.suppress(OSError):
-            await self._writer.wait_closed()
-
-    def close_now(self) -> None:
-        """Close without waiting for the peer (the probe's result is already known)."""
-        self._writer.close()  # StreamWriter.close() is its transport's close()
-
-
-def _facts(
-    tls: ssl.SSLObject,
-    verification_enabled: bool,
-    *,
-    verified: bool,
-    error: ssl.SSLCertVerificationError | None = None,
-) -> TLSFacts:
-    cipher = tls.cipher()
-    return TLSFacts(
-        verification_enabled=verification_enabled,
-        verified=verified,
-        verify_error=error.verify_message if error is not None else None,
-        version=tls_version_label(tls.version()),
-        cipher=cipher[0] if cipher else None,
-        presented_chain=_chain_facts(presented_chain_der(tls)),
-        verified_chain=_chain_facts(verified_chain_der(tls)) if verified else (),
-    )
-
-
-def _chain_facts(chain: list[bytes]) -> tuple[CertFacts, ...]:
-    """cert_facts(chain), remembered by the chain's DER bytes (facts are immutable)."""
-    key = tuple(chain)
-    if sum(map(len, key)) > CERT_FACTS_CACHE_MAX_CHAIN_BYTES:
-        return cert_facts(key)
-    return _cached_chain_facts(key)
-
-
-@functools.lru_cache(maxsize=CERT_FACTS_CACHE_SIZE)
-def _cached_chain_facts(chain: tuple[bytes, ...]) -> tuple[CertFacts, ...]:
-    return cert_facts(chain)
+            self._stream.close()

@@ -26,8 +26,11 @@ from prometheus_client.utils import floatToGoString
 from pop3_exporter.config import TLSMode
 from pop3_exporter.metrics import ProbeCollector, ProbeFamily, probe_registry
 from pop3_exporter.result import (
+    Capabilities,
     CertFacts,
+    DeliveryFacts,
     FailureReason,
+    MailboxFacts,
     Phase,
     ProbeResult,
     TLSFacts,
@@ -174,8 +177,14 @@ def canned_families() -> list[list[ProbeFamily]]:
         subject_alternative_names=("pop.example.com", "*.example.com", 'we"ird\\name'),
         not_before=0.0,
         not_after=expiry,
+        key_algorithm='EC "P-256"',
+        key_bits=256,
+        signature_algorithm="ecdsa-with-SHA256 \\ Ω",
     )
-    ca = CertFacts("CN=Test CA", "CN=Test CA", "01", "cd" * 32, (), -0.0, 4.1e9)
+    ca = CertFacts(
+        "CN=Test CA", "CN=Test CA", "01", "cd" * 32, (), -0.0, 4.1e9, "RSA", 4096, "sha256"
+    )
+    anonymous = CertFacts("", "", "00", "ef" * 32, (), 1e-7, 1e300, "Ed25519", None, "")
     success = ProbeResult(
         target="pop.example.com:110",
         module_name="pop3_starttls",
@@ -200,14 +209,11 @@ def canned_families() -> list[list[ProbeFamily]]:
         greeting="+OK ready",
         greeting_seconds=-math.inf,
         greeting_match=True,
-        capabilities=(
-            "TOP",
-            "UIDL",
-            "SASL PLAIN LOGIN",
-            'X-QUOTE"D',
-            "X-BACK\\SLASH",
-            "IMPLEMENTATION Dövecot €",
-            "X-CTRL\x01\x7f",
+        capabilities=Capabilities(
+            names=("TOP", "UIDL", "SASL", "LOGIN-DELAY"),
+            unregistered=3,
+            sasl_mechanisms=("PLAIN",),
+            login_delay_seconds=900,
         ),
         plaintext_auth_exposed=True,
         tls=TLSFacts(
@@ -215,10 +221,14 @@ def canned_families() -> list[list[ProbeFamily]]:
             verified=True,
             verify_error=None,
             version="TLS 1.3",
-            cipher="TLS_AES_256_GCM_SHA384",
-            presented_chain=(leaf, ca),
+            cipher='TLS_AES_256_GCM_SHA384 "x\\y"',
+            presented_chain=(leaf, ca, anonymous),
             verified_chain=(leaf, ca),
         ),
+        login_success=True,
+        mailbox=MailboxFacts(messages=3, size_bytes=12345, oldest_message_timestamp=1.7e9),
+        delivery=DeliveryFacts(success=True, seconds=1.25, late_messages=0, cleanup_failures=2),
+        legacy_tls_versions=(("TLS 1.0", False), ('TLS 1.1 "legacy"', True)),
     )
     expired = ProbeResult(
         target="pop3s://mail.example.org",
@@ -236,9 +246,11 @@ def canned_families() -> list[list[ProbeFamily]]:
         greeting=None,
         greeting_seconds=None,
         greeting_match=False,
-        capabilities=(),
+        capabilities=None,
         plaintext_auth_exposed=None,
         tls=TLSFacts(True, False, "certificate has expired", "TLS 1.2", None, (leaf,), ()),
+        login_success=False,
+        delivery=DeliveryFacts(success=False, seconds=None, late_messages=7, cleanup_failures=0),
     )
     unresolved = ProbeResult(
         target="nowhere.invalid",
@@ -256,7 +268,7 @@ def canned_families() -> list[list[ProbeFamily]]:
         greeting=None,
         greeting_seconds=None,
         greeting_match=False,
-        capabilities=(),
+        capabilities=None,
         plaintext_auth_exposed=None,
         tls=None,
     )

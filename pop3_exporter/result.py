@@ -15,6 +15,14 @@ class Phase(enum.StrEnum):
     GREETING = "greeting"
     CAPA = "capa"
     STLS = "stls"
+    LOGIN = "login"
+    STAT = "stat"
+    TOP = "top"
+    SMTP_CONNECT = "smtp_connect"
+    SMTP_TLS = "smtp_tls"
+    SMTP_AUTH = "smtp_auth"
+    SMTP_SEND = "smtp_send"
+    DELIVERY_WAIT = "delivery_wait"
     QUIT = "quit"
 
 
@@ -35,8 +43,55 @@ class FailureReason(enum.StrEnum):
     TLS_CERT_EXPIRED = "tls_cert_expired"
     TLS_CERT_UNTRUSTED = "tls_cert_untrusted"
     TLS_HOSTNAME_MISMATCH = "tls_hostname_mismatch"
+    AUTH_MECHANISM_UNSUPPORTED = "auth_mechanism_unsupported"
+    AUTH_FAILED = "auth_failed"
+    AUTH_UNAVAILABLE = "auth_unavailable"
+    AUTH_SYSTEM_ERROR = "auth_system_error"
+    MAILBOX_IN_USE = "mailbox_in_use"
+    LOGIN_DELAY = "login_delay"
+    MAILBOX_ERROR = "mailbox_error"
+    SMTP_CONNECT_ERROR = "smtp_connect_error"
+    SMTP_TLS_ERROR = "smtp_tls_error"
+    SMTP_AUTH_FAILED = "smtp_auth_failed"
+    SMTP_REJECTED = "smtp_rejected"
+    SMTP_TEMPORARY_FAILURE = "smtp_temporary_failure"
+    DELIVERY_TIMEOUT = "delivery_timeout"
     PROTOCOL_ERROR = "protocol_error"
     TIMEOUT = "timeout"
+
+
+# The POP3 extension registry of IANA (RFC 2449 section 7 and the RFCs after it). Only
+# these names become label values; a server can advertise anything else, and those
+# are only counted, so that no server chooses label values or their number.
+REGISTERED_CAPABILITIES: tuple[str, ...] = (
+    "TOP",
+    "USER",
+    "SASL",
+    "RESP-CODES",
+    "LOGIN-DELAY",
+    "PIPELINING",
+    "EXPIRE",
+    "UIDL",
+    "IMPLEMENTATION",
+    "STLS",
+    "UTF8",
+    "LANG",
+    "AUTH-RESP-CODE",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a CAPA reply said, reduced to what the probe uses and reports."""
+
+    # Registered names advertised, in REGISTERED_CAPABILITIES order.
+    names: tuple[str, ...]
+    # How many distinct other capability names were advertised.
+    unregistered: int
+    # SASL mechanisms offered (upper case, capped in number and length).
+    sasl_mechanisms: tuple[str, ...] = ()
+    # LOGIN-DELAY's argument in seconds, when the server gave one.
+    login_delay_seconds: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +105,12 @@ class CertFacts:
     subject_alternative_names: tuple[str, ...]
     not_before: float  # unix seconds
     not_after: float  # unix seconds
+    # "rsa", "ec", "ed25519", "ed448", "dsa", ... or "unknown" (see tlsinfo.key_facts).
+    key_algorithm: str
+    # Modulus or curve size; None when the key type is not understood.
+    key_bits: int | None
+    # OpenSSL's name ("sha256WithRSAEncryption"), else the dotted OID.
+    signature_algorithm: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +147,30 @@ class TranscriptLine:
 
 
 @dataclass(frozen=True, slots=True)
+class MailboxFacts:
+    """What STAT (and TOP 1 0) said about the maildrop after login."""
+
+    messages: int
+    size_bytes: int
+    # The Date header of message 1 (unix seconds); None when the mailbox is empty, TOP
+    # was not asked, or the header is missing, unparsable or far in the future.
+    oldest_message_timestamp: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryFacts:
+    """What a delivery round trip found."""
+
+    success: bool
+    # From the server accepting the message to the poll that saw it; None if unseen.
+    seconds: float | None
+    # Earlier probes' messages that arrived after their deadline, found and deleted.
+    late_messages: int
+    # This exporter's messages (this probe's or late ones) it could not delete.
+    cleanup_failures: int
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """Everything the probe learned. Built once at the end of a probe, never mutated."""
 
@@ -105,8 +190,16 @@ class ProbeResult:
     greeting: str | None
     greeting_seconds: float | None
     greeting_match: bool
-    capabilities: tuple[str, ...]
+    # The last CAPA answered (after STLS where used); None if none was.
+    capabilities: Capabilities | None
     # None when the module cannot know (implicit TLS never talks in the clear).
     plaintext_auth_exposed: bool | None
     tls: TLSFacts | None
     transcript: tuple[TranscriptLine, ...] = field(default=())
+    # None when the module does not log in; else whether the login succeeded.
+    login_success: bool | None = None
+    mailbox: MailboxFacts | None = None
+    delivery: DeliveryFacts | None = None
+    # Extra handshakes limited to one legacy version ("TLS 1.0", accepted?), only
+    # those that reached an answer; see legacytls.py.
+    legacy_tls_versions: tuple[tuple[str, bool], ...] = field(default=())

@@ -96,6 +96,10 @@ class WebConfig:
     # user -> bcrypt hash
     basic_auth_users: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
     source: str = "<none>"
+    # Key path -> line, for errors found after parsing (files that do not load).
+    lines: Mapping[str, int] = field(
+        default_factory=lambda: MappingProxyType({}), compare=False, repr=False
+    )
 
 
 def parse_web_config(text: str, filename: str = "<string>") -> WebConfig:
@@ -103,7 +107,7 @@ def parse_web_config(text: str, filename: str = "<string>") -> WebConfig:
     root = source.compose(text)
     if root is None:
         return WebConfig(source=filename)
-    top = source.mapping(root, "top level", set(_TOP_KEYS | _UNSUPPORTED_TOP_KEYS))
+    top = source.mapping(root, "", set(_TOP_KEYS | _UNSUPPORTED_TOP_KEYS))
     _refuse_unsupported(source, top, _UNSUPPORTED_TOP_KEYS, "")
     tls = None
     if "tls_server_config" in top:
@@ -114,15 +118,22 @@ def parse_web_config(text: str, filename: str = "<string>") -> WebConfig:
         for user, (key_node, value_node) in entries.items():
             if not user or ":" in user:
                 # Basic auth splits "user:password" at the first colon.
-                raise source.error(key_node, f"basic_auth_users: bad user name {user!r}")
+                raise source.error(
+                    key_node, f"bad user name {user!r}", key=f"basic_auth_users.{user}"
+                )
             hashed = source.string(value_node, f"basic_auth_users.{user}")
             if not _BCRYPT_HASH.match(hashed):
                 raise source.error(
-                    value_node, f"'basic_auth_users.{user}' must be a bcrypt hash ($2y$10$...)"
+                    value_node,
+                    "must be a bcrypt hash ($2y$10$...)",
+                    key=f"basic_auth_users.{user}",
                 )
             users[user] = hashed.encode("ascii")
     return WebConfig(
-        tls_server_config=tls, basic_auth_users=MappingProxyType(users), source=filename
+        tls_server_config=tls,
+        basic_auth_users=MappingProxyType(users),
+        source=filename,
+        lines=MappingProxyType(source.lines),
     )
 
 
@@ -143,7 +154,8 @@ def _refuse_unsupported(
     for key in sorted(unsupported.intersection(entries)):
         raise source.error(
             entries[key][0],
-            f"'{prefix}{key}' is an exporter-toolkit setting that pop3_exporter does not support",
+            "is an exporter-toolkit setting that pop3_exporter does not support",
+            key=f"{prefix}{key}",
         )
 
 
@@ -156,46 +168,61 @@ def _parse_tls(source: _Source, node: yaml.Node, base: Path) -> TLSServerConfig:
         key_where = f"{where}.{key}"
         text = source.string(value_node, key_where)
         if not text:
-            raise source.error(value_node, f"'{key_where}' must not be empty")
+            raise source.error(value_node, "must not be empty", key=key_where)
         if key.endswith("_file"):
             # As exporter-toolkit does: relative to the web config file, not the cwd.
             text = str(base / text) if not Path(text).is_absolute() else text
         elif key in ("min_version", "max_version") and text not in TLS_VERSIONS:
             names = ", ".join(TLS_VERSIONS)
-            raise source.error(value_node, f"'{key_where}' must be one of {names}")
+            raise source.error(value_node, f"must be one of {names}", key=key_where)
         elif key == "client_auth_type" and text not in CLIENT_AUTH_TYPES:
             if text in _UNSUPPORTED_CLIENT_AUTH_TYPES:
                 message = (
-                    f"'{key_where}': {text} (accepting unverified client certificates)"
+                    f"{text} (accepting unverified client certificates)"
                     " is not supported; use VerifyClientCertIfGiven or"
                     " RequireAndVerifyClientCert with client_ca_file"
                 )
             else:
-                message = f"'{key_where}' must be one of {', '.join(CLIENT_AUTH_TYPES)}"
-            raise source.error(value_node, message)
+                message = f"must be one of {', '.join(CLIENT_AUTH_TYPES)}"
+            raise source.error(value_node, message, key=key_where)
         values[key] = text
     for required in ("cert_file", "key_file"):
         if required not in values:
-            raise source.error(node, f"'{where}': {required} is required")
+            raise source.error(node, f"{required} is required", key=where)
     tls = TLSServerConfig(**values)
     verifies = CLIENT_AUTH_TYPES[tls.client_auth_type] is not ssl.CERT_NONE
     if verifies and tls.client_ca_file is None:
-        raise source.error(node, f"'{where}': {tls.client_auth_type} needs client_ca_file")
+        raise source.error(
+            node, f"{tls.client_auth_type} needs client_ca_file", key=f"{where}.client_auth_type"
+        )
     if not verifies and tls.client_ca_file is not None:
         # Same rule as exporter-toolkit: a CA file that would be silently unused is
         # almost certainly a forgotten client_auth_type.
         raise source.error(
-            node, f"'{where}': client_ca_file is set but client_auth_type is NoClientCert"
+            entries["client_ca_file"][1],
+            "is set but client_auth_type is NoClientCert",
+            key=f"{where}.client_ca_file",
         )
     if tls.max_version is not None and (
         TLS_VERSIONS[tls.max_version] < TLS_VERSIONS[tls.min_version]
     ):
-        raise source.error(node, f"'{where}': max_version is below min_version")
+        raise source.error(
+            entries["max_version"][1], "is below min_version", key=f"{where}.max_version"
+        )
     return tls
 
 
-def build_server_ssl_context(tls: TLSServerConfig, source: str = "<web config>") -> ssl.SSLContext:
-    """The listener's context; file problems become ConfigError at start-up."""
+def build_server_ssl_context(
+    tls: TLSServerConfig, source: str = "<web config>", lines: Mapping[str, int] | None = None
+) -> ssl.SSLContext:
+    """The listener's context; file problems become ConfigError at start-up, naming the
+    line of the key (from WebConfig.lines) when known."""
+
+    def where(key: str) -> str:
+        path = f"tls_server_config.{key}"
+        line = (lines or {}).get(path)
+        return f"{source}:{line}: {path}" if line is not None else f"{source}: {path}"
+
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = TLS_VERSIONS[tls.min_version]
     if tls.max_version is not None:
@@ -203,17 +230,13 @@ def build_server_ssl_context(tls: TLSServerConfig, source: str = "<web config>")
     try:
         context.load_cert_chain(tls.cert_file, tls.key_file)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"{source}: tls_server_config: cannot load cert_file/key_file: {exc}"
-        ) from exc
+        raise ConfigError(f"{where('cert_file')}: cannot load cert_file/key_file: {exc}") from exc
     context.verify_mode = CLIENT_AUTH_TYPES[tls.client_auth_type]
     if tls.client_ca_file is not None:
         try:
             context.load_verify_locations(cafile=tls.client_ca_file)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"{source}: tls_server_config: cannot load client_ca_file: {exc}"
-            ) from exc
+            raise ConfigError(f"{where('client_ca_file')}: cannot load: {exc}") from exc
     return context
 
 

@@ -1,4 +1,6 @@
-"""Shared fixtures: a generated PKI and real Dovecot servers (one per cert variant)."""
+"""Shared fixtures: a generated PKI, real Dovecot servers (one per cert variant), a
+Dovecot for login tests with its token-introspection endpoint, and a real
+Postfix -> LMTP -> Dovecot mail path for the delivery tests."""
 
 from __future__ import annotations
 
@@ -11,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from tests.support.certs import TestPKI, make_pki
+from tests.support.dns import dns_testbed  # noqa: F401 (the session fixture, for every test)
 from tests.support.dovecot import DovecotError, DovecotServer, dovecot_binary, stop_servers
+from tests.support.dovecot_auth import AuthDovecotServer, MailAccount
+from tests.support.introspection import IntrospectionServer
+from tests.support.mailpath import MailPath, MailUser, missing_mailpath_parts
 
 # Keep Dovecot's work directories after the run (for reading dovecot.log).
 KEEP_ENV = "POP3_EXPORTER_KEEP_DOVECOT"
@@ -82,3 +88,76 @@ def dovecot_variant(pki: TestPKI, dovecot_workroot: Path) -> Iterator[DovecotFac
 def dovecot(dovecot_variant: DovecotFactory) -> DovecotServer:
     """The Dovecot presenting the ``good`` certificate (shared with dovecot_variant)."""
     return dovecot_variant("good")
+
+
+@pytest.fixture(scope="session")
+def introspection() -> Iterator[IntrospectionServer]:
+    """The OAuth 2.0 token-introspection endpoint that ``dovecot_auth`` asks."""
+    with IntrospectionServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def dovecot_auth(
+    pki: TestPKI, dovecot_workroot: Path, introspection: IntrospectionServer
+) -> Iterator[AuthDovecotServer]:
+    """One Dovecot for every login test of the session (``good`` certificate).
+
+    Accounts are per test (``mail_account`` or ``dovecot_auth.add_user()``), never
+    shared, so tests cannot see each other's mail or locks.
+    """
+    require_dovecot()
+    server = AuthDovecotServer(
+        dovecot_workroot / "auth", pki.variants["good"], introspection_url=introspection.url
+    )
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mail_account(dovecot_auth: AuthDovecotServer) -> MailAccount:
+    """A fresh account with an empty Maildir on ``dovecot_auth``, for this test only."""
+    if not dovecot_auth.running:
+        # A server that died mid-session must fail loudly, not hang clients.
+        raise DovecotError(f"the login-test Dovecot died\n{dovecot_auth.log_tail()}")
+    return dovecot_auth.add_user()
+
+
+def require_mailpath() -> None:
+    """Skip without Postfix, Dovecot's LMTP or root, but fail in CI where they must exist."""
+    missing = missing_mailpath_parts()
+    if missing:
+        message = "the mail path needs: " + "; ".join(missing)
+        if os.environ.get("CI") == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def mailpath_session(pki: TestPKI, dovecot_workroot: Path) -> Iterator[MailPath]:
+    """One Postfix + Dovecot mail path for the whole session (use ``mailpath`` in tests)."""
+    require_mailpath()
+    path = MailPath(dovecot_workroot / "mailpath", pki.variants["good"], pki.ca_file)
+    path.start()
+    try:
+        yield path
+    finally:
+        path.stop()
+
+
+@pytest.fixture
+def mailpath(mailpath_session: MailPath) -> Iterator[MailPath]:
+    """The session's mail path; afterwards delivery works again, the queue is empty and
+    the fixed mailboxes (loop@, other@) are empty."""
+    mailpath_session.check_running()
+    yield mailpath_session
+    mailpath_session.reset()
+
+
+@pytest.fixture
+def mail_user(mailpath: MailPath) -> MailUser:
+    """A fresh, empty mailbox of its own (random name and password) for one test."""
+    return mailpath.new_user()

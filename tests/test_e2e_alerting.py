@@ -70,7 +70,8 @@ REGIONAL_LOCATION = "ap-southeast"
 
 
 def exporter_config(ca_file: Path, *, wrong_greeting: bool) -> str:
-    """Replace the built-in pop3s/pop3_starttls modules with ones that trust the test CA."""
+    """Replace the built-in pop3s/pop3_starttls modules with ones that trust the test CA
+    (pop3s also asks about legacy TLS, for the dashboard's panel)."""
     greeting = "\n    expect_greeting: '^\\+OK NotDovecot'" if wrong_greeting else ""
     return f"""\
 modules:
@@ -78,6 +79,7 @@ modules:
     tls: implicit
     tls_config:
       ca_file: '{ca_file}'
+      check_legacy_versions: true
   pop3_starttls:
     tls: starttls{greeting}
     tls_config:
@@ -296,6 +298,18 @@ async def test_alerts_fire_and_resolve_through_alertmanager_and_panels_have_data
             assert ("Pop3CertificateInvalid", expired_pop3s) in firing
             assert ("Pop3Unreachable", good_pop3s) not in firing
             assert not {a for a in firing if a[0] in ("Pop3ExporterDown", "Pop3ProbesAbsent")}
+
+            # Dovecot's stock TLS 1.2 minimum, and P-256 keys: no TLS hygiene alert.
+            # Both pop3s targets x both versions x every location answer "refused"
+            # (a probe whose deadline leaves no time has none: hence waiting).
+            async def legacy_refused_everywhere() -> bool:
+                refused = await series_count("count(probe_tls_legacy_version_accepted == 0)")
+                return refused == 2 * 2 * len(locations)
+
+            await wait_until(legacy_refused_everywhere, ALERT_WITHIN, what="legacy TLS answers")
+            assert not {
+                a for a in firing if a[0] in ("Pop3LegacyTLSAccepted", "Pop3WeakCertificateKey")
+            }
 
             # Every rule evaluated without error on real data (matching errors such
             # as many-to-many only show up at run time).

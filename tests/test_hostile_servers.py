@@ -22,9 +22,8 @@ from prometheus_client.samples import Sample
 from pop3_exporter.config import Module, TLSConfig, TLSMode
 from pop3_exporter.debug import debug_report
 from pop3_exporter.metrics import probe_registry, sanitize_label
-from pop3_exporter.prober import probe_pop3
-from pop3_exporter.protocol import MAX_CAPA_LINES, MAX_LINE_BYTES
-from pop3_exporter.render import ProbeRenderer
+from pop3_exporter.prober import MAX_CAPA_LINES, QUIT_GRACE_SECONDS, probe_pop3
+from pop3_exporter.protocol import MAX_LINE_BYTES, MAX_REPLY_BYTES
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
@@ -41,9 +40,11 @@ from tests.support.fakepop3 import (
 from tests.support.hostile import (
     INJECTED_NAME,
     INJECTED_PLAINTEXT,
+    QUIT_BEHAVIOURS,
     Flood,
     FullBacklog,
     Trickle,
+    bad_quit,
     bare_lf,
     capa_flood,
     capa_never_terminated,
@@ -57,6 +58,7 @@ from tests.support.hostile import (
     stls_refused_quit_ignored,
     stls_with_injection,
 )
+from tests.support.render import render_probe
 
 # How far past its deadline a probe may end on a loaded machine.
 MARGIN = 0.5
@@ -80,7 +82,7 @@ def _module(
 async def _probe(
     port: int,
     module: Module,
-    timeout: float,  # noqa: ASYNC109 (the probe takes an absolute deadline)
+    timeout: float,  # noqa: ASYNC109 (passed on to the probe, which reports it)
     *,
     host: str = "127.0.0.1",
     record_transcript: bool = False,
@@ -90,7 +92,7 @@ async def _probe(
     target = ProbeTarget(host=host, port=port, is_ip_literal=host != "localhost")
     start = loop.time()
     result = await probe_pop3(
-        target, module, start + timeout, resolver=RESOLVER, record_transcript=record_transcript
+        target, module, timeout, resolver=RESOLVER, record_transcript=record_transcript
     )
     elapsed = loop.time() - start
     assert result.duration_seconds <= timeout + MARGIN, result
@@ -101,7 +103,7 @@ async def _probe(
 def _samples(result: ProbeResult, module: Module) -> dict[str, list[Sample]]:
     """The probe's exposition as /probe would send it, accepted by promtool and parsed
     back as Prometheus would."""
-    body, _ = ProbeRenderer().render(result, module.tls, "")
+    body, _ = render_probe(result, module.tls, "")
     text = body.decode()
     promtool_check_metrics(text)
     samples: dict[str, list[Sample]] = {}
@@ -109,6 +111,11 @@ def _samples(result: ProbeResult, module: Module) -> dict[str, list[Sample]]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append(sample)
     return samples
+
+
+def _names(result: ProbeResult) -> tuple[str, ...]:
+    assert result.capabilities is not None, "no CAPA answer recorded"
+    return result.capabilities.names
 
 
 def _value(samples: dict[str, list[Sample]], name: str) -> float:
@@ -143,7 +150,7 @@ async def test_greeting_split_into_segments_with_pauses() -> None:
     assert result.greeting == "+OK split greeting"
     assert result.greeting_seconds is not None
     assert result.greeting_seconds >= 3 * 0.15 - 0.02
-    assert result.capabilities == ("TOP", "UIDL", "USER", "SASL")
+    assert _names(result) == ("TOP", "USER", "SASL", "UIDL")
 
 
 async def test_bare_lf_line_endings() -> None:
@@ -151,7 +158,7 @@ async def test_bare_lf_line_endings() -> None:
         result = await _probe(server.port, _module(), LONG)
     _check("bare LF line endings", result, _module(), None)
     assert result.greeting == "+OK bare LF server ready"
-    assert result.capabilities == ("TOP", "UIDL", "USER", "SASL")
+    assert _names(result) == ("TOP", "USER", "SASL", "UIDL")
     assert result.plaintext_auth_exposed is True
 
 
@@ -244,7 +251,26 @@ async def test_thousands_of_capa_lines_are_a_protocol_error() -> None:
     assert result.duration_seconds < FAST
     assert f"{MAX_CAPA_LINES} lines" in (result.failure_detail or "")
     assert result.failed_phase is Phase.CAPA
-    assert result.capabilities == ()
+    assert result.capabilities is None
+
+
+async def test_hundreds_of_unknown_capabilities_are_counted_not_labelled() -> None:
+    async with FakePop3Server(capa_flood(300)) as server:
+        result = await _probe(server.port, _module(), LONG)
+    samples = _check("300 unknown capabilities", result, _module(), None)
+    labels = {s.labels["capability"]: s.value for s in samples["probe_pop3_capability"]}
+    assert len(labels) == 13  # the IANA registry's names, no more
+    assert {name for name, value in labels.items() if value} == {"TOP", "UIDL", "USER", "SASL"}
+    assert _value(samples, "probe_pop3_capabilities_unregistered") == 300.0
+
+
+async def test_a_capa_reply_is_capped_as_a_whole_not_only_per_line() -> None:
+    # 100 lines of 1 KiB: each line is legal, the reply (100 KiB) is not.
+    async with FakePop3Server(capa_flood(100, width=1000)) as server:
+        result = await _probe(server.port, _module(), LONG)
+    _check("100 KiB CAPA reply", result, _module(), R.PROTOCOL_ERROR)
+    assert f"longer than {MAX_REPLY_BYTES} bytes" in (result.failure_detail or "")
+    assert result.failed_phase is Phase.CAPA
 
 
 # ------------------------------------------------------------------ hostile text
@@ -274,10 +300,13 @@ async def test_control_characters_and_invalid_utf8_stay_contained(
         assert "\ufffd" in result.greeting  # invalid bytes are replaced, not dropped
     assert sanitize_label(result.greeting).isprintable()
     if reason is None:
-        assert len(result.capabilities) == len(capabilities)
-        labels = [s.labels["capability"] for s in samples["probe_pop3_capability"]]
-        assert len(labels) == len(capabilities)
-        assert all(label.isprintable() for label in labels)
+        # TOP and SASL are registered names; the two others are only counted.
+        assert result.capabilities is not None
+        assert result.capabilities.names == ("TOP", "SASL")
+        assert result.capabilities.unregistered == 2
+        advertised = {s.labels["capability"] for s in samples["probe_pop3_capability"] if s.value}
+        assert advertised == {"TOP", "SASL"}
+        assert _value(samples, "probe_pop3_capabilities_unregistered") == 2.0
     assert all(line.text.isprintable() for line in result.transcript)
     text = generate_latest(probe_registry(result, module.tls)).decode()
     report = debug_report(result, module, text)
@@ -304,7 +333,7 @@ async def test_stls_answered_err(pki: TestPKI) -> None:
         result = await _probe(server.port, module, LONG, host="localhost")
     _check("STLS answered -ERR", result, module, R.STLS_UNSUPPORTED)
     assert result.duration_seconds < FAST
-    assert "STLS" in result.capabilities
+    assert "STLS" in _names(result)
     assert b"STLS\r\n" in server.sessions[0].received
 
 
@@ -341,8 +370,8 @@ async def test_plaintext_injected_after_stls_ok_is_discarded(pki: TestPKI) -> No
         result = await _probe(server.port, module, LONG, host="localhost", record_transcript=True)
     samples = _check("plaintext injected after STLS +OK", result, module, None)
     # The capabilities are the ones sent under TLS, not the forged plaintext list.
-    assert result.capabilities == ("TOP", "UIDL", "USER", "SASL")
-    assert INJECTED_NAME not in result.capabilities
+    assert _names(result) == ("TOP", "USER", "SASL", "UIDL")
+    assert result.capabilities is not None and result.capabilities.unregistered == 0
     assert all(INJECTED_NAME not in line.text for line in result.transcript)
     events = [line.text for line in result.transcript if line.direction == "*"]
     assert f"discarded {len(INJECTED_PLAINTEXT)} bytes of plaintext before TLS" in events
@@ -463,3 +492,40 @@ async def test_certificate_faults(
     if variant == "intermediate_expires_first":
         assert earliest < leaf.not_after
         assert earliest == tls.presented_chain[1].not_after
+
+
+# ------------------------------------------------------------------ QUIT
+
+
+@pytest.mark.parametrize("kind", sorted(QUIT_BEHAVIOURS))
+async def test_a_bad_quit_reply_never_fails_a_good_probe(kind: str) -> None:
+    module = _module()
+    async with FakePop3Server(bad_quit(kind)) as server:
+        result = await _probe(server.port, module, LONG, record_transcript=True)
+    _check(f"good probe, QUIT {kind}", result, module, None)
+    assert b"QUIT\r\n" in server.sessions[0].received
+    quit_seconds = dict(result.phase_durations)[Phase.QUIT]
+    # A silent server gets the grace period, no more; the others answer at once.
+    if kind == "silent":
+        assert QUIT_GRACE_SECONDS - 0.05 <= quit_seconds <= QUIT_GRACE_SECONDS + MARGIN
+    else:
+        assert quit_seconds < FAST
+
+
+async def test_a_silent_quit_ends_at_the_deadline_when_that_comes_first() -> None:
+    module = _module()
+    timeout = 0.5
+    async with FakePop3Server(bad_quit("silent")) as server:
+        result = await _probe(server.port, module, timeout)
+    _check("good probe, QUIT silent, short deadline", result, module, None)
+    assert result.duration_seconds <= timeout + MARGIN
+
+
+async def test_quit_follows_a_refusal_but_not_a_broken_connection(pki: TestPKI) -> None:
+    module = _module(TLSMode.STARTTLS, pki)
+    async with FakePop3Server(stls_refused) as server:
+        await _probe(server.port, module, LONG, host="localhost")
+    assert server.sessions[0].received[-1] == b"QUIT\r\n"
+    async with FakePop3Server(stls_plaintext_instead_of_tls) as server:
+        await _probe(server.port, module, LONG, host="localhost")
+    assert b"QUIT\r\n" not in server.sessions[0].received

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from pop3_exporter.http import ConfigHolder, Pop3Prober, create_app
+from pop3_exporter.config import MODULE_SECTION
+from pop3_exporter.http import create_app
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.resolver import StaticResolver
+from pop3_exporter.runtime import ConfigHolder
 from tests.support.exposition import (
     labelled,
     parse_samples,
@@ -21,8 +26,8 @@ from tests.support.exposition import (
 from tests.support.fakepop3 import FakePop3Server, dialogue
 from tests.support.fakeprober import FakeProber
 
-ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
 
 
 async def make_client(
@@ -170,6 +175,11 @@ async def test_health_index_and_reload_methods(aiohttp_client: ClientFactory) ->
     assert index.status == 200
     for link in ('href="metrics"', 'href="-/healthy"', ">pop3_starttls<", 'action="probe"'):
         assert link in page
+    # The form's example target has no port: the selected module's port applies, and the
+    # module selected first is pop3s (port 995), the common case.
+    assert 'placeholder="pop.example.com"' in page
+    assert re.findall(r"<option[^>]* selected>([^<]*)<", page) == ["pop3s"]
+    assert "<td>pop3s</td><td>implicit</td><td>995</td><td>10s</td>" in page
     assert (await client.get("/-/reload")).status == 405
 
 
@@ -187,7 +197,10 @@ async def test_reload_keeps_old_config_when_new_one_is_bad(
     path.write_text("modules:\n  third:\n    bogus: 1\n")
     bad = await client.post("/-/reload")
     assert bad.status == 500
-    assert "unknown key 'bogus'" in await bad.text()
+    assert await bad.text() == (
+        f"failed to reload config: 1 error:\n{path}:3: modules.third.bogus: unknown key"
+        f" (known: {', '.join(sorted(MODULE_SECTION.keys))})\n"
+    )
     assert "second" in holder.runtime.config.modules  # the old config stays
     samples = parse_samples(await (await client.get("/metrics")).text())
     assert value(samples, "pop3_exporter_config_last_reload_successful") == 0
@@ -214,7 +227,9 @@ async def test_debug_output_shows_transcript_tls_module_and_metrics(
     assert " C: CAPA" in text and " S: +OK hello \\x1b[31mred" in text
     assert "\x1b" not in text  # control characters are escaped, never passed through
     assert " C: QUIT" in text
-    assert "Module pop3:" in text and "expect_greeting: '^\\\\+OK'" in text
+    # The module as YAML: the pattern as written in a config file, not a Python repr.
+    assert "Module pop3, as a configuration file:\nmodules:\n  pop3:\n" in text
+    assert "    expect_greeting: ^\\+OK\n" in text
     assert "(no TLS handshake)" in text
     assert "probe_success 1.0" in text
 

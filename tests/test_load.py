@@ -16,9 +16,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -126,7 +127,7 @@ async def run_load(
     concurrency: int,
     *,
     health_url: str | None = None,
-    during: Callable[[asyncio.Event], Awaitable[None]] | None = None,
+    during: Callable[[asyncio.Event], Coroutine[Any, Any, None]] | None = None,
 ) -> LoadResult:
     """``count`` probes from ``concurrency`` workers; optionally measure /-/healthy on
     fresh connections meanwhile, and run ``during(done)`` alongside (``done`` is set

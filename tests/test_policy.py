@@ -8,22 +8,25 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from pop3_exporter.config import parse_config
 from pop3_exporter.errors import ConfigError
-from pop3_exporter.http import ConfigHolder, Pop3Prober, Prober, create_app
+from pop3_exporter.http import Prober, create_app
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.policy import Policy, RefusalReason, TargetRefusedError
+from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.resolver import StaticResolver
+from pop3_exporter.runtime import ConfigHolder
 from tests.support.exposition import parse_samples, value
 from tests.support.fakepop3 import FakePop3Server, dialogue
 from tests.support.fakeprober import FakeProber
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SECURITY_DOC = Path(__file__).resolve().parent.parent / "docs" / "security.md"
 
-ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
 
 
 def policy_of(yaml_text: str) -> Policy:
@@ -76,17 +79,17 @@ def test_full_policy_parses() -> None:
 @pytest.mark.parametrize(
     ("body", "line", "message"),
     [
-        ("policy:\n  defaults: deny\n", 2, "policy: unknown key 'defaults'"),
-        ("policy:\n  default: maybe\n", 2, "'policy.default' must be allow or deny"),
+        ("policy:\n  defaults: deny\n", 2, "policy.defaults: unknown key (known: allow,"),
+        ("policy:\n  default: maybe\n", 2, "policy.default: must be allow or deny"),
         (
             "policy:\n  allow:\n    - cidr: 10.0.0.0/8\n",
             2,
-            "'policy.allow' has no effect unless 'policy.default' is deny",
+            "policy.allow: has no effect unless policy.default is deny",
         ),
-        ("policy:\n  deny: 10.0.0.0/8\n", 2, "'policy.deny' must be a list of rules"),
-        ("policy:\n  deny:\n    - {}\n", 3, "'policy.deny[0]' needs at least one of cidr"),
+        ("policy:\n  deny: 10.0.0.0/8\n", 2, "policy.deny: must be a list of rules"),
+        ("policy:\n  deny:\n    - {}\n", 3, "policy.deny[0]: needs at least one of cidr"),
         ("policy:\n  deny:\n    - cidr: 10.0.0.1/8\n", 3, "has host bits set"),
-        ("policy:\n  deny:\n    - cidr: 10.0.0.0/33\n", 3, "'policy.deny[0].cidr'"),
+        ("policy:\n  deny:\n    - cidr: 10.0.0.0/33\n", 3, "policy.deny[0].cidr: "),
         ("policy:\n  deny:\n    - cidr: 8\n", 3, "must be a CIDR range"),
         ("policy:\n  deny:\n    - cidr: []\n", 3, "must not be an empty list"),
         (
@@ -102,9 +105,9 @@ def test_full_policy_parses() -> None:
         ("policy:\n  deny:\n    - ports: ['200-100']\n", 3, "must be ports 1-65535"),
         ("policy:\n  deny:\n    - ports: [true]\n", 3, "must be ports 1-65535"),
         ("policy:\n  deny:\n    - ports: [1, 'x']\n", 3, "must be ports 1-65535"),
-        ("policy:\n  deny:\n    - port: 110\n", 3, "unknown key 'port'"),
+        ("policy:\n  deny:\n    - port: 110\n", 3, "policy.deny[0].port: unknown key"),
         ("policy:\n  deny:\n    - ports: {a: 1}\n", 3, "must be a single value"),
-        ("policy: [deny]\n", 1, "policy must be a mapping"),
+        ("policy: [deny]\n", 1, "policy: must be a mapping"),
     ],
 )
 def test_bad_policy_names_file_line_and_key(body: str, line: int, message: str) -> None:
@@ -350,7 +353,7 @@ async def test_reload_applies_a_new_policy(aiohttp_client: ClientFactory, tmp_pa
     config.write_text("policy: {default: deny, allow: [{cidr: nonsense}]}\n")
     reload = await client.post("/-/reload")
     assert reload.status == 500
-    assert "pop3_exporter.yml:1: 'policy.allow[0].cidr'" in await reload.text()
+    assert "pop3_exporter.yml:1: policy.allow[0].cidr: " in await reload.text()
     assert (await client.get("/probe", params=params)).status == 403
     assert len(prober.calls) == 1
 
@@ -361,8 +364,8 @@ def yaml_examples(path: Path) -> list[str]:
 
 
 def test_every_policy_example_in_the_docs_is_valid() -> None:
-    examples = [block for block in yaml_examples(README) if block.startswith("policy:")]
+    examples = [block for block in yaml_examples(SECURITY_DOC) if block.startswith("policy:")]
     assert len(examples) >= 4
     for block in examples:
-        policy = parse_config(block, "README.md").policy
+        policy = parse_config(block, "docs/security.md").policy
         assert policy != Policy()

@@ -9,11 +9,12 @@ time so that the whole file runs in seconds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import itertools
+import socket
 import string
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,13 +32,14 @@ from pop3_exporter.errors import (
     TargetError,
 )
 from pop3_exporter.metrics import probe_registry
-from pop3_exporter.prober import _capability_names, _exposes_plaintext_auth, probe_pop3
-from pop3_exporter.protocol import Pop3Connection, Response, decode_line
-from pop3_exporter.result import FailureReason, ProbeResult
+from pop3_exporter.prober import exposes_plaintext_auth, parse_capabilities, probe_pop3
+from pop3_exporter.protocol import Pop3Connection, Response, SocketStream, decode_line
+from pop3_exporter.result import REGISTERED_CAPABILITIES, FailureReason, ProbeResult
 from pop3_exporter.target import MAX_TARGET_LENGTH, SCHEMES, ProbeTarget, TargetSpec, parse_target
 from tests.support.certs import TestPKI, client_ssl_context
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, server_ssl_context
 from tests.support.hostile import serve
+from tests.support.render import render_probe
 
 # A small cap, so that examples reach it often; the logic does not depend on its size.
 CAP = 16
@@ -102,9 +104,28 @@ def _reference(data: bytes, cap: int) -> tuple[list[bytes], type[ProbeError]]:
         position = newline + 1
 
 
-def _connection(reader: asyncio.StreamReader, cap: int = CAP) -> Pop3Connection:
-    # The reading paths never touch the writer.
-    return Pop3Connection(reader, cast(asyncio.StreamWriter, None), max_line_bytes=cap)
+@contextlib.asynccontextmanager
+async def _socket_pair(cap: int = CAP) -> AsyncIterator[tuple[Pop3Connection, socket.socket]]:
+    """A connection on the real SocketStream, and the peer socket the test writes to."""
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    conn = Pop3Connection(SocketStream.wrap(ours), max_line_bytes=cap)
+    try:
+        yield conn, theirs
+    finally:
+        conn.close()
+        theirs.close()
+
+
+async def _send(peer: socket.socket, *chunks: bytes, eof: bool = True) -> None:
+    """Write each chunk separately (a loop turn apart), then half-close: EOF."""
+    loop = asyncio.get_running_loop()
+    for chunk in chunks:
+        if chunk:
+            await loop.sock_sendall(peer, chunk)
+        await asyncio.sleep(0)
+    if eof:
+        peer.shutdown(socket.SHUT_WR)
 
 
 async def _read_to_end(conn: Pop3Connection, limit: int) -> tuple[list[bytes], type[ProbeError]]:
@@ -120,22 +141,14 @@ async def _read_to_end(conn: Pop3Connection, limit: int) -> tuple[list[bytes], t
 
 
 async def _read_chunks(chunks: Sequence[bytes], cap: int = CAP) -> tuple[list[bytes], type]:
-    """Feed `chunks` one per loop iteration (so reads see them apart), then EOF."""
-    reader = asyncio.StreamReader()
-    conn = _connection(reader, cap)
-
-    async def feed() -> None:
-        for chunk in chunks:
-            reader.feed_data(chunk)
-            await asyncio.sleep(0)
-        reader.feed_eof()
-
-    feeder = asyncio.create_task(feed())
-    try:
-        return await _read_to_end(conn, sum(len(c) for c in chunks))
-    finally:
-        feeder.cancel()
-        await asyncio.gather(feeder, return_exceptions=True)
+    """Write `chunks` one per loop iteration (so reads tend to see them apart), then EOF."""
+    async with _socket_pair(cap) as (conn, peer):
+        feeder = asyncio.create_task(_send(peer, *chunks))
+        try:
+            return await _read_to_end(conn, sum(len(c) for c in chunks))
+        finally:
+            feeder.cancel()
+            await asyncio.gather(feeder, return_exceptions=True)
 
 
 # ------------------------------------------------------------------ line reader
@@ -186,11 +199,10 @@ _STATUS_LINE = st.tuples(
 @given(_STATUS_LINE)
 def test_read_response_classifies_every_status_line(raw: bytes) -> None:
     async def read() -> Response:
-        reader = asyncio.StreamReader()
-        reader.feed_data(raw + b"\r\n")
-        reader.feed_eof()
-        async with asyncio.timeout(HANG_SECONDS):
-            return await _connection(reader, 64).read_response()
+        async with _socket_pair(64) as (conn, peer):
+            await _send(peer, raw + b"\r\n")
+            async with asyncio.timeout(HANG_SECONDS):
+                return await conn.read_response()
 
     text = decode_line(raw)  # only the CR of the CRLF goes, even if raw ends in CR
     if text.startswith(("+OK", "-ERR")):
@@ -213,15 +225,13 @@ def test_read_multiline_round_trips_dot_stuffing(lines: list[bytes], max_lines: 
     stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
 
     async def read() -> list[str]:
-        reader = asyncio.StreamReader()
-        reader.feed_data(stuffed + b".\r\n+OK after\r\n")
-        reader.feed_eof()
-        conn = _connection(reader)
-        async with asyncio.timeout(HANG_SECONDS):
-            body = await conn.read_multiline(max_lines)
-            # The terminator was consumed, and nothing after it.
-            assert (await conn.read_response()).text == "+OK after"
-            return body
+        async with _socket_pair() as (conn, peer):
+            await _send(peer, stuffed + b".\r\n+OK after\r\n")
+            async with asyncio.timeout(HANG_SECONDS):
+                body = await conn.read_multiline(max_lines)
+                # The terminator was consumed, and nothing after it.
+                assert (await conn.read_response()).text == "+OK after"
+                return body
 
     if len(lines) > max_lines:
         with pytest.raises(ProtocolError, match=f"longer than {max_lines} lines"):
@@ -236,16 +246,13 @@ def test_read_multiline_on_arbitrary_bytes(case: tuple[bytes, list[bytes]], max_
     _, chunks = case
 
     async def read() -> list[str] | None:
-        reader = asyncio.StreamReader()
-        conn = _connection(reader)
-        for chunk in chunks:
-            reader.feed_data(chunk)
-        reader.feed_eof()
-        try:
-            async with asyncio.timeout(HANG_SECONDS):
-                return await conn.read_multiline(max_lines)
-        except ProbeError:
-            return None
+        async with _socket_pair() as (conn, peer):
+            await _send(peer, *chunks)
+            try:
+                async with asyncio.timeout(HANG_SECONDS):
+                    return await conn.read_multiline(max_lines)
+            except ProbeError:
+                return None
 
     body = asyncio.run(read())
     if body is not None:
@@ -259,32 +266,84 @@ _CAPA_TEXT = st.text(
 
 
 @PURE
-@given(st.lists(_CAPA_TEXT, max_size=15))
-def test_capability_names_are_unique_upper_first_words(lines: list[str]) -> None:
-    names = _capability_names(lines)
-    firsts = [line.split()[0].upper() for line in lines if line.split()]
-    assert list(names) == list(dict.fromkeys(firsts))
-    assert len(set(names)) == len(names) <= len(lines)
-    assert all(name and not any(ch.isspace() for ch in name) for name in names)
+@given(st.lists(_CAPA_TEXT | st.sampled_from(REGISTERED_CAPABILITIES), max_size=15))
+def test_capabilities_keep_registered_names_and_count_the_rest(lines: list[str]) -> None:
+    capabilities = parse_capabilities(lines)
+    firsts = {line.split()[0].upper() for line in lines if line.split()}
+    registered = firsts & set(REGISTERED_CAPABILITIES)
+    # Registry names only, each once, in the registry's order.
+    assert capabilities.names == tuple(n for n in REGISTERED_CAPABILITIES if n in registered)
+    assert capabilities.unregistered == len(firsts - registered)
 
 
 @PURE
 @given(st.lists(_CAPA_TEXT, max_size=15), st.integers(0, 15))
 def test_plaintext_auth_needs_user_or_plain_sasl(lines: list[str], position: int) -> None:
-    exposed = _exposes_plaintext_auth(lines)
-    names = _capability_names(lines)
+    capabilities = parse_capabilities(lines)
+    exposed = exposes_plaintext_auth(capabilities)
     if exposed:
-        assert "USER" in names or "SASL" in names
-    if "USER" in names:
+        assert "USER" in capabilities.names or "SASL" in capabilities.names
+    if "USER" in capabilities.names:
         assert exposed
     # Adding USER (anywhere) always exposes; removing USER and SASL lines never does.
-    assert _exposes_plaintext_auth([*lines[:position], "USER", *lines[position:]])
+    assert exposes_plaintext_auth(
+        parse_capabilities([*lines[:position], "USER", *lines[position:]])
+    )
     kept = [
         line
         for line in lines
         if not line.split() or line.split()[0].upper() not in ("USER", "SASL")
     ]
-    assert not _exposes_plaintext_auth(kept)
+    assert not exposes_plaintext_auth(parse_capabilities(kept))
+
+
+_ARBITRARY_CAPA = st.lists(
+    st.text(st.characters(codec="utf-8", exclude_characters="\n\r"), max_size=20)
+    | st.sampled_from(["X\x01", "X\x02", "x\x01", "TOP", "top", "SASL PLAIN", "STLS\x00"]),
+    max_size=40,
+)
+
+
+@PURE
+@given(_ARBITRARY_CAPA, st.sampled_from(["", "application/openmetrics-text;version=1.0.0"]))
+def test_no_capa_reply_can_make_duplicate_or_unbounded_series(
+    lines: list[str], accept: str
+) -> None:
+    """Whatever CAPA says: at most the registry's labels plus one count, each series once
+    (names that differ only in unprintable characters used to collide)."""
+    result = ProbeResult(
+        target="t:110",
+        module_name="pop3",
+        timeout_seconds=10.0,
+        duration_seconds=0.1,
+        success=True,
+        failure_reason=None,
+        failure_detail=None,
+        failed_phase=None,
+        phase_durations=(),
+        dns_lookup_seconds=None,
+        ip_protocol=4,
+        address="127.0.0.1",
+        greeting="+OK",
+        greeting_seconds=0.01,
+        greeting_match=True,
+        capabilities=parse_capabilities(lines),
+        plaintext_auth_exposed=None,
+        tls=None,
+    )
+    body, _ = render_probe(result, TLSMode.NONE, accept)
+    seen: set[tuple[str, tuple[tuple[str, str], ...]]] = set()
+    capability_series = 0
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            key = (sample.name, tuple(sorted(sample.labels.items())))
+            assert key not in seen, key
+            seen.add(key)
+            if sample.name == "probe_pop3_capability":
+                capability_series += 1
+                assert sample.labels["capability"] in REGISTERED_CAPABILITIES
+    assert capability_series == len(REGISTERED_CAPABILITIES)
+    assert ("probe_pop3_capabilities_unregistered", ()) in seen
 
 
 # ------------------------------------------------------------------ over real sockets
@@ -306,14 +365,12 @@ def test_line_reader_over_tls_records(pki: TestPKI, case: tuple[bytes, list[byte
     async def run() -> tuple[list[bytes], type]:
         context = server_ssl_context(pki.variants["good"])
         async with FakePop3Server(script, ssl_context=context) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-            conn = Pop3Connection(reader, writer, max_line_bytes=CAP)
-            try:
+            async with asyncio.timeout(HANG_SECONDS):
+                conn = await Pop3Connection.connect("127.0.0.1", server.port, max_line_bytes=CAP)
+            async with conn:
                 async with asyncio.timeout(HANG_SECONDS):
                     await conn.start_tls(client_ssl_context(pki.ca_file), "localhost")
                 return await _read_to_end(conn, len(data))
-            finally:
-                await conn.close()
 
     lines, ending = asyncio.run(run())
     assert all(len(line) <= CAP for line in lines)
@@ -343,11 +400,8 @@ def test_probe_of_arbitrary_greeting_and_capa_stays_safe(
 
     async def run() -> ProbeResult:
         async with FakePop3Server(script) as server:
-            loop = asyncio.get_running_loop()
             target = ProbeTarget("127.0.0.1", server.port, is_ip_literal=True)
-            return await probe_pop3(
-                target, module, loop.time() + HANG_SECONDS, record_transcript=True
-            )
+            return await probe_pop3(target, module, HANG_SECONDS, record_transcript=True)
 
     result = asyncio.run(run())
     greeted = greeting.startswith(b"+OK")
@@ -360,12 +414,15 @@ def test_probe_of_arbitrary_greeting_and_capa_stays_safe(
             if line == b".":
                 break
             body.append(decode_line(line[1:] if line.startswith(b".") else line))
-        assert result.capabilities == _capability_names(body)
+        assert result.capabilities == parse_capabilities(body)
     text = generate_latest(probe_registry(result, module.tls)).decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
     assert families["probe_success"].samples[0].value == float(result.success)
-    for sample in families["probe_pop3_capability"].samples:
-        assert sample.labels["capability"].isprintable()
+    capability = families.get("probe_pop3_capability")
+    assert (capability is not None) is (result.capabilities is not None)
+    if capability is not None:
+        labels = [sample.labels["capability"] for sample in capability.samples]
+        assert labels == list(REGISTERED_CAPABILITIES)
     report = debug_report(result, module, text)
     assert all(line.isprintable() for line in report.split("\n"))
 

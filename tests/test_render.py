@@ -18,7 +18,7 @@ from prometheus_client.utils import floatToGoString
 
 import pop3_exporter.render
 from pop3_exporter.config import TLSMode
-from pop3_exporter.http import RENDERER_KEY, ConfigHolder, create_app
+from pop3_exporter.http import RENDERER_KEY, create_app
 from pop3_exporter.metrics import ExporterMetrics, ProbeFamily, probe_registry
 from pop3_exporter.render import (
     SELF_CHECK_ACCEPT_HEADERS,
@@ -26,7 +26,8 @@ from pop3_exporter.render import (
     canned_families,
     render_families,
 )
-from pop3_exporter.result import ProbeResult
+from pop3_exporter.result import Capabilities, ProbeResult
+from pop3_exporter.runtime import ConfigHolder
 from tests.support.fakeprober import FakeProber, canned_result
 from tests.support.probe_results import ACCEPT_HEADERS, probe_results
 
@@ -114,7 +115,7 @@ def _sample_result() -> ProbeResult:
         greeting="+OK",
         greeting_seconds=0.1,
         greeting_match=True,
-        capabilities=("UIDL",),
+        capabilities=Capabilities(names=("UIDL",), unregistered=0),
         plaintext_auth_exposed=None,
         tls=None,
     )

@@ -16,19 +16,22 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from pop3_exporter.cli import warn_about_file_limit
-from pop3_exporter.http import ConfigHolder, Settings, create_app
+from pop3_exporter.http import Settings, create_app
+from pop3_exporter.logs import FIELDS_ATTRIBUTE
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.runtime import ConfigHolder
 from tests.support.exporter import ExporterProcess
-from tests.support.exposition import parse_samples, value
+from tests.support.exposition import labelled, parse_samples, value
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, dialogue
 from tests.support.fakeprober import FakeProber
 
-ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
-Client = TestClient  # type: ignore[type-arg]
+Client = TestClient[web.Request, web.Application]
+ClientFactory = Callable[..., Awaitable[Client]]
 
 OK = "target=pop.example.com&module=pop3"
 KNOWN_MODULES = "known modules: pop3, pop3_starttls, pop3s"
@@ -123,6 +126,53 @@ async def test_bad_request_table(
     assert text.endswith("\n") and text.count("\n") == 1
     assert not any(ch in text[:-1] for ch in "\r\x00\x1b\u202e"), repr(text)
     assert prober.calls == []
+    # Every 400 is counted, under exactly one reason.
+    invalid = await invalid_counts(client)
+    assert sum(invalid.values()) == 1, invalid
+
+
+async def invalid_counts(client: Client) -> dict[str, float]:
+    samples = parse_samples(await (await client.get("/metrics")).text())
+    return labelled(samples, "pop3_exporter_probe_requests_invalid_total", "reason")
+
+
+@pytest.mark.parametrize(
+    ("query", "headers", "reason"),
+    [
+        (OK + "&foo=1", {}, "unknown_parameter"),
+        (OK + "&module=pop3s", {}, "repeated_parameter"),
+        ("module=pop3", {}, "bad_target"),
+        ("target=h%00&module=pop3", {}, "bad_target"),
+        ("target=h&module=imap", {}, "unknown_module"),
+        ("target=h", {}, "bad_module"),
+        ("target=h&module=%C3%A9", {}, "bad_module"),
+        ("target=pop3s://h&module=pop3", {}, "bad_module"),
+        (OK + "&debug=1", {}, "bad_debug"),
+        (OK, {"X-Prometheus-Scrape-Timeout-Seconds": "nan"}, "bad_scrape_timeout"),
+    ],
+)
+async def test_invalid_requests_are_counted_by_reason(
+    aiohttp_client: ClientFactory, query: str, headers: dict[str, str], reason: str
+) -> None:
+    client = await make_client(aiohttp_client, FakeProber())
+    before = await invalid_counts(client)
+    # Every reason is exported from the start, at 0, so rate() sees each series.
+    assert before == {
+        "unknown_parameter": 0,
+        "repeated_parameter": 0,
+        "bad_target": 0,
+        "unknown_module": 0,
+        "bad_module": 0,
+        "bad_debug": 0,
+        "bad_scrape_timeout": 0,
+    }
+    for _ in range(2):
+        status, _text = await get_raw(client, query, headers)
+        assert status == 400
+    assert await invalid_counts(client) == {**before, reason: 2}
+    # A good request changes none of them.
+    assert (await get_raw(client, OK))[0] == 200
+    assert await invalid_counts(client) == {**before, reason: 2}
 
 
 @pytest.mark.parametrize(
@@ -316,4 +366,9 @@ def test_warning_when_the_file_limit_is_too_low_for_the_cap(
         assert caplog.records == []
         warn_about_file_limit(soft)
     assert len(caplog.records) == 1
-    assert f"open file limit {soft} is low" in caplog.records[0].getMessage()
+    assert caplog.records[0].getMessage().startswith("open file limit is low")
+    assert getattr(caplog.records[0], FIELDS_ATTRIBUTE) == {
+        "limit": soft,
+        "needed": 2 * soft + 64,
+        "max_concurrent_probes": soft,
+    }

@@ -14,12 +14,14 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 
-from pop3_exporter.http import ConfigHolder, create_app
+from pop3_exporter.http import create_app
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.runtime import ConfigHolder
 from tests.support.exporter import ExporterProcess
 from tests.support.exposition import parse_samples, value
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, dialogue, silent
 from tests.support.fakeprober import FakeProber
+from tests.support.logs import find, parse_logfmt
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
@@ -92,9 +94,9 @@ async def test_sigterm_lets_the_probe_in_flight_finish(tmp_path: Path) -> None:
     assert returncode == 0, exporter.log()
     # Exits soon after its last probe, not at the end of the grace period.
     assert exited < GREETING_DELAY + 3, exited
-    log = exporter.log()
-    assert "shutting down: 1 probes in flight get up to 10s to finish" in log
-    assert "shut down" in log
+    records = parse_logfmt(exporter.log())
+    find(records, "shutting down", probes_in_flight=1, grace_seconds=10.0)
+    find(records, "shut down")
 
 
 async def test_probe_longer_than_the_grace_period_is_cut_and_exit_is_0(

@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 
 from pop3_exporter.errors import ConfigError
-from pop3_exporter.http import ConfigHolder, create_app
+from pop3_exporter.http import create_app
 from pop3_exporter.metrics import ExporterMetrics
+from pop3_exporter.runtime import ConfigHolder
 from pop3_exporter.webconfig import (
     AuthOutcome,
     BasicAuth,
@@ -91,16 +92,16 @@ def test_empty_file_means_plain_http_without_auth() -> None:
 @pytest.mark.parametrize(
     ("body", "line", "message"),
     [
-        ("basic_auth: {}\n", 1, "top level: unknown key 'basic_auth'"),
+        ("basic_auth: {}\n", 1, "basic_auth: unknown key (known: basic_auth_users,"),
         (
             "http_server_config: {http2: false}\n",
             1,
-            "'http_server_config' is an exporter-toolkit setting that pop3_exporter does not",
+            "http_server_config: is an exporter-toolkit setting that pop3_exporter does not",
         ),
         (
             "tls_server_config:\n  cert_file: a\n  key_file: b\n  cipher_suites: [x]\n",
             4,
-            "'tls_server_config.cipher_suites' is an exporter-toolkit setting",
+            "tls_server_config.cipher_suites: is an exporter-toolkit setting",
         ),
         ("tls_server_config:\n  cert_file: a\n", 2, "key_file is required"),
         ("tls_server_config:\n  key_file: a\n", 2, "cert_file is required"),
@@ -108,13 +109,13 @@ def test_empty_file_means_plain_http_without_auth() -> None:
         (
             "tls_server_config:\n  cert_file: a\n  key_file: b\n  min_version: TLS1.2\n",
             4,
-            "'tls_server_config.min_version' must be one of TLS10, TLS11, TLS12, TLS13",
+            "tls_server_config.min_version: must be one of TLS10, TLS11, TLS12, TLS13",
         ),
         (
             "tls_server_config:\n  cert_file: a\n  key_file: b\n"
             "  min_version: TLS13\n  max_version: TLS12\n",
-            2,
-            "max_version is below min_version",
+            5,
+            "tls_server_config.max_version: is below min_version",
         ),
         (
             "tls_server_config:\n  cert_file: a\n  key_file: b\n"
@@ -135,14 +136,18 @@ def test_empty_file_means_plain_http_without_auth() -> None:
         ),
         (
             "tls_server_config:\n  cert_file: a\n  key_file: b\n  client_ca_file: c\n",
-            2,
-            "client_ca_file is set but client_auth_type is NoClientCert",
+            4,
+            "tls_server_config.client_ca_file: is set but client_auth_type is NoClientCert",
         ),
-        ("basic_auth_users:\n  bob: secret\n", 2, "'basic_auth_users.bob' must be a bcrypt"),
+        ("basic_auth_users:\n  bob: secret\n", 2, "basic_auth_users.bob: must be a bcrypt"),
         ("basic_auth_users:\n  bob: '$2b$10$short'\n", 2, "must be a bcrypt hash"),
         (f"basic_auth_users:\n  'a:b': '{HASH}'\n", 2, "bad user name 'a:b'"),
-        (f"basic_auth_users:\n  bob: '{HASH}'\n  bob: '{HASH}'\n", 3, "duplicate key 'bob'"),
-        ("basic_auth_users: [bob]\n", 1, "basic_auth_users must be a mapping"),
+        (
+            f"basic_auth_users:\n  bob: '{HASH}'\n  bob: '{HASH}'\n",
+            3,
+            "basic_auth_users.bob: duplicate key",
+        ),
+        ("basic_auth_users: [bob]\n", 1, "basic_auth_users: must be a mapping"),
     ],
 )
 def test_bad_web_config_names_file_line_and_key(body: str, line: int, message: str) -> None:
@@ -155,8 +160,11 @@ def test_bad_web_config_names_file_line_and_key(body: str, line: int, message: s
 
 def test_unreadable_certificate_is_a_config_error(tmp_path: Path) -> None:
     tls = TLSServerConfig(cert_file=str(tmp_path / "no.crt"), key_file=str(tmp_path / "no.key"))
-    with pytest.raises(ConfigError, match=r"web\.yml: tls_server_config: cannot load cert_file"):
+    with pytest.raises(ConfigError, match=r"web\.yml: tls_server_config\.cert_file: cannot load"):
         build_server_ssl_context(tls, "web.yml")
+    lines = {"tls_server_config.cert_file": 3}
+    with pytest.raises(ConfigError, match=r"^web\.yml:3: tls_server_config\.cert_file: cannot"):
+        build_server_ssl_context(tls, "web.yml", lines)
 
 
 @pytest.mark.parametrize(
@@ -381,7 +389,7 @@ def test_cli_serves_tls_with_basic_auth(pki: TestPKI, tmp_path: Path) -> None:
             assert response.read() == b"Healthy\n"
         exporter.signal(signal.SIGTERM)
         assert exporter.wait() == 0
-    assert "(https, version" in exporter.log()
+    assert "msg=listening" in exporter.log() and " scheme=https " in exporter.log()
 
 
 def test_cli_refuses_a_bad_web_config(tmp_path: Path) -> None:
@@ -396,11 +404,11 @@ def test_cli_refuses_a_bad_web_config(tmp_path: Path) -> None:
             check=False,
         )
         assert completed.returncode == 1
-        assert f"{path}:2: 'basic_auth_users.bob' must be a bcrypt hash" in completed.stderr
+        assert f"{path}:2: basic_auth_users.bob: must be a bcrypt hash" in completed.stderr
 
 
 def test_the_web_config_example_in_the_docs_is_valid() -> None:
-    docs = Path(__file__).resolve().parent.parent / "README.md"
+    docs = Path(__file__).resolve().parent.parent / "docs" / "security.md"
     blocks = re.findall(r"```yaml\n(.*?)```", docs.read_text(), flags=re.DOTALL)
     [example] = [block for block in blocks if block.startswith("tls_server_config:")]
     config = parse_web_config(example, "/etc/pop3_exporter/web.yml")

@@ -14,6 +14,11 @@ certificate faults a POP3 probe must tell apart:
 ``intermediate_expires_first`` intermediate ends (+5 d) before the leaf (+60 d)
 ========================== ==================================================
 
+:func:`make_chain` makes chains of three (leaf, intermediate, root, all presented)
+with mixed key types and sizes (RSA 2048/3072, P-256, P-384, Ed25519), an expired
+intermediate and a not-yet-valid leaf (:data:`CHAIN_PLANS`), and says what a probe
+must report for each certificate (:class:`ExpectedCert`).
+
 All NotBefore/NotAfter values are whole seconds so that tests can compare the
 dates a probe reports with ``==``.
 """
@@ -32,7 +37,8 @@ from typing import ClassVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 VARIANTS: tuple[str, ...] = (
@@ -229,7 +235,7 @@ def _save_variant(
     directory: Path,
     name: str,
     leaf: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
+    key: CertificateIssuerPrivateKeyTypes,
     chain: Sequence[x509.Certificate],
 ) -> CertFiles:
     cert_path = directory / f"{name}.crt"
@@ -373,3 +379,175 @@ def client_ssl_context(ca_file: Path) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_verify_locations(cafile=os.fspath(ca_file))
     return ctx
+
+
+# ---------------------------------------------------------------- chains of three
+
+
+@dataclass(frozen=True)
+class ExpectedCert:
+    """What a probe must report for one presented certificate, from the plan that
+    made it (not from parsing it back)."""
+
+    subject: str  # RFC 4514, as the exporter prints names
+    issuer: str
+    serial: str  # lower-case hex
+    not_before: float  # unix seconds
+    not_after: float
+    key_algorithm: str
+    key_bits: int
+    signature_algorithm: str  # OpenSSL's long name of the issuer's signature
+
+
+@dataclass(frozen=True)
+class ChainFiles:
+    """A three-certificate chain (leaf, intermediate, root, all presented) as files."""
+
+    files: CertFiles
+    ca_file: Path  # the chain's own root, to trust it
+    expected: tuple[ExpectedCert, ...]  # leaf first, in the order presented
+
+
+# (key algorithm, bits): the keys the chains use.
+KeySpec = tuple[str, int]
+# (common name, key, hash its issuer signs it with (None when the issuer's key is an
+# Edwards key), not_before and not_after in days from now); leaf first, root
+# (self-signed) last.
+CertPlan = tuple[str, KeySpec, str | None, int, int]
+
+CHAIN_PLANS: Mapping[str, tuple[CertPlan, CertPlan, CertPlan]] = MappingProxyType(
+    {
+        # All RSA, two sizes, three hashes.
+        "chain_rsa": (
+            ("localhost", ("rsa", 2048), "sha256", -1, 90),
+            ("chain_rsa intermediate", ("rsa", 3072), "sha384", -30, 1000),
+            ("chain_rsa root", ("rsa", 3072), "sha512", -30, 3000),
+        ),
+        # Ed25519 leaf under a P-384 intermediate under an Ed25519 root.
+        "chain_ed25519": (
+            ("localhost", ("ed25519", 256), "sha384", -1, 90),
+            ("chain_ed25519 intermediate", ("ec", 384), None, -30, 1000),
+            ("chain_ed25519 root", ("ed25519", 256), None, -30, 3000),
+        ),
+        # A valid P-256 leaf whose RSA intermediate expired yesterday.
+        "chain_expired_intermediate": (
+            ("localhost", ("ec", 256), "sha256", -10, 90),
+            ("chain_expired_intermediate intermediate", ("rsa", 2048), "sha256", -400, -1),
+            ("chain_expired_intermediate root", ("ec", 256), "sha256", -500, 3000),
+        ),
+        # A leaf valid only from the day after tomorrow.
+        "chain_not_yet_valid": (
+            ("localhost", ("rsa", 3072), "sha256", 2, 92),
+            ("chain_not_yet_valid intermediate", ("ec", 256), "sha256", -30, 1000),
+            ("chain_not_yet_valid root", ("rsa", 2048), "sha256", -30, 3000),
+        ),
+    }
+)
+
+# OpenSSL's names (`openssl x509 -text`) for (issuer key algorithm, hash).
+_SIGNATURE_NAMES = {
+    ("rsa", "sha256"): "sha256WithRSAEncryption",
+    ("rsa", "sha384"): "sha384WithRSAEncryption",
+    ("rsa", "sha512"): "sha512WithRSAEncryption",
+    ("ec", "sha256"): "ecdsa-with-SHA256",
+    ("ec", "sha384"): "ecdsa-with-SHA384",
+    ("ed25519", None): "ED25519",
+}
+_HASHES: Mapping[str, hashes.SHA256 | hashes.SHA384 | hashes.SHA512] = MappingProxyType(
+    {"sha256": hashes.SHA256(), "sha384": hashes.SHA384(), "sha512": hashes.SHA512()}
+)
+_CURVES: Mapping[int, ec.EllipticCurve] = MappingProxyType(
+    {256: ec.SECP256R1(), 384: ec.SECP384R1(), 521: ec.SECP521R1()}
+)
+
+
+def new_private_key(spec: KeySpec) -> CertificateIssuerPrivateKeyTypes:
+    algorithm, bits = spec
+    if algorithm == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    if algorithm == "ec":
+        return ec.generate_private_key(_CURVES[bits])
+    if algorithm == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if algorithm == "ed448":
+        return ed448.Ed448PrivateKey.generate()
+    if algorithm == "dsa":
+        return dsa.generate_private_key(key_size=bits)
+    raise ValueError(f"no key type {algorithm!r}")
+
+
+def _rfc4514(common_name: str) -> str:
+    # _name() lists O then CN; RFC 4514 writes the last RDN first.
+    return f"CN={common_name},O=pop3_exporter tests"
+
+
+def make_chain(directory: Path, name: str) -> ChainFiles:
+    """Generate the chain CHAIN_PLANS[name] (root, intermediate, leaf) under
+    ``directory``; the leaf carries the loopback names."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    now = _now()
+    leaf_plan, intermediate_plan, root_plan = CHAIN_PLANS[name]
+    keys = [new_private_key(plan[1]) for plan in (leaf_plan, intermediate_plan, root_plan)]
+    issued: list[x509.Certificate] = []
+    expected: list[ExpectedCert] = []
+    # Root first: each certificate is signed by the next one in the plan.
+    issuer_cert: x509.Certificate | None = None
+    for index in (2, 1, 0):
+        common_name, key_spec, hash_name, starts, ends = CHAIN_PLANS[name][index]
+        key = keys[index]
+        issuer_key = keys[min(index + 1, 2)]
+        issuer_plan = CHAIN_PLANS[name][min(index + 1, 2)]
+        serial = x509.random_serial_number()
+        not_before = now + timedelta(days=starts)
+        not_after = now + timedelta(days=ends)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(_name(issuer_plan[0]))
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+        )
+        if issuer_cert is not None:
+            builder = builder.add_extension(_authority_key_id(issuer_cert), critical=False)
+        if index == 0:
+            builder = (
+                builder.add_extension(
+                    x509.BasicConstraints(ca=False, path_length=None), critical=True
+                )
+                .add_extension(
+                    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+                )
+                .add_extension(x509.SubjectAlternativeName(list(LOOPBACK_SANS)), critical=False)
+            )
+        else:
+            builder = builder.add_extension(
+                x509.BasicConstraints(ca=True, path_length=index - 1), critical=True
+            ).add_extension(_CA_KEY_USAGE, critical=True)
+        # The issuer's key and this plan's hash make the signature algorithm.
+        cert = builder.sign(issuer_key, _HASHES[hash_name] if hash_name else None)
+        issued.insert(0, cert)
+        expected.insert(
+            0,
+            ExpectedCert(
+                subject=_rfc4514(common_name),
+                issuer=_rfc4514(issuer_plan[0]),
+                serial=format(serial, "x"),
+                not_before=not_before.timestamp(),
+                not_after=not_after.timestamp(),
+                key_algorithm=key_spec[0],
+                key_bits=key_spec[1],
+                signature_algorithm=_SIGNATURE_NAMES[(issuer_plan[1][0], hash_name)],
+            ),
+        )
+        issuer_cert = cert
+    leaf, intermediate, root = issued
+    files = _save_variant(directory, name, leaf, keys[0], [intermediate, root])
+    ca_file = directory / f"{name}-ca.crt"
+    _write(ca_file, _pem(root))
+    return ChainFiles(files=files, ca_file=ca_file, expected=tuple(expected))

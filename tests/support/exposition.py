@@ -45,8 +45,14 @@ def promtool_binary() -> str:
     return binary
 
 
+# promtool's naming lints that a metric name fixed by an issue breaks on purpose:
+# key sizes are counted in bits (a P-521 key is no whole number of bytes).
+ACCEPTED_LINTS = frozenset({'probe_tls_cert_key_bits use base unit "bytes" instead of "bits"'})
+
+
 def promtool_check_metrics(text: str) -> None:
-    """Fail the test unless `promtool check metrics` accepts the exposition."""
+    """Fail the test unless `promtool check metrics` accepts the exposition (apart
+    from ACCEPTED_LINTS)."""
     completed = subprocess.run(
         [promtool_binary(), "check", "metrics"],
         input=text.encode(),
@@ -55,4 +61,7 @@ def promtool_check_metrics(text: str) -> None:
         check=False,
     )
     output = (completed.stdout + completed.stderr).decode(errors="replace")
-    assert completed.returncode == 0, f"promtool check metrics rejected:\n{output}\n{text}"
+    problems = set(output.strip().splitlines()) - ACCEPTED_LINTS
+    assert completed.returncode == 0 or not problems, (
+        f"promtool check metrics rejected:\n{output}\n{text}"
+    )

@@ -7,8 +7,9 @@ import ssl
 from dataclasses import dataclass
 
 from pop3_exporter.config import Module
+from pop3_exporter.delivery import DeliveryRuntime
 from pop3_exporter.prober import AddressCheck
-from pop3_exporter.result import FailureReason, Phase, ProbeResult
+from pop3_exporter.result import Capabilities, FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
 
 
@@ -17,7 +18,7 @@ class Call:
     target: ProbeTarget
     module: Module
     address_check: AddressCheck | None
-    timeout: float  # seconds from the call to the deadline it was given
+    timeout: float  # the probe's timeout in seconds, as the exporter gave it
 
 
 def canned_result(target: ProbeTarget, module: Module, *, success: bool = True) -> ProbeResult:
@@ -38,7 +39,7 @@ def canned_result(target: ProbeTarget, module: Module, *, success: bool = True) 
         greeting="+OK ready" if success else None,
         greeting_seconds=0.003 if success else None,
         greeting_match=success,
-        capabilities=("TOP",) if success else (),
+        capabilities=Capabilities(names=("TOP",), unregistered=0) if success else None,
         plaintext_auth_exposed=False if success else None,
         tls=None,
     )
@@ -73,14 +74,14 @@ class FakeProber:
         self,
         target: ProbeTarget,
         module: Module,
-        deadline: float,
+        timeout_seconds: float,
         *,
         ssl_context: ssl.SSLContext | None,
         record_transcript: bool,
         address_check: AddressCheck | None = None,
+        delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult:
-        timeout = deadline - asyncio.get_running_loop().time()
-        self.calls.append(Call(target, module, address_check, timeout))
+        self.calls.append(Call(target, module, address_check, timeout_seconds))
         if address_check is not None:
             address = target.host if target.is_ip_literal else self.addresses[target.host]
             address_check(address, target.port)

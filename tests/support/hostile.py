@@ -48,6 +48,7 @@ async def serve(
     after_tls: Sequence[str | bytes] | None = None,
     stls: StlsHandler | None = None,
     eol: bytes = b"\r\n",
+    on_quit: Script | None = None,
 ) -> None:
     """A command loop whose details (line ending, STLS behaviour) are parameters.
 
@@ -67,7 +68,10 @@ async def serve(
             if not await stls(conn):
                 return
         elif command == b"QUIT":
-            await conn.send(b"+OK bye" + eol)
+            if on_quit is None:
+                await conn.send(b"+OK bye" + eol)
+            else:
+                await on_quit(conn)
             return
         else:
             await conn.send(b"-ERR unknown" + eol)
@@ -147,12 +151,14 @@ async def capa_never_terminated(conn: FakeConnection) -> None:
         await conn.send(b"-ERR unknown\r\n")
 
 
-def capa_flood(count: int = 5000) -> Script:
-    """CAPA answered with ``count`` capability lines (then the terminator)."""
+def capa_flood(count: int = 5000, width: int = 0) -> Script:
+    """CAPA answered with ``count`` capability lines (then the terminator), each padded
+    with an argument of ``width`` bytes."""
 
     async def script(conn: FakeConnection) -> None:
-        names = [f"X-CAP-{index}" for index in range(count)]
-        await serve(conn, capabilities=names)
+        padding = " " + "p" * width if width else ""
+        names = [f"X-CAP-{index}{padding}" for index in range(count)]
+        await serve(conn, capabilities=[*PLAIN_CAPABILITIES, *names])
 
     return script
 
@@ -365,3 +371,34 @@ async def stls_refused_quit_ignored(conn: FakeConnection) -> None:
     await serve(
         conn, capabilities=(*PLAIN_CAPABILITIES, "STLS"), stls=_refuse_stls_then_ignore_quit
     )
+
+
+async def _quit_err(conn: FakeConnection) -> None:
+    await conn.send(b"-ERR not now\r\n")
+
+
+async def _quit_garbage(conn: FakeConnection) -> None:
+    await conn.send(b"what?\r\n")
+
+
+async def _quit_hang_up(conn: FakeConnection) -> None:
+    conn.abort()
+
+
+# How a server that did everything else right answers QUIT; none of these may fail
+# a probe (QUIT is a courtesy).
+QUIT_BEHAVIOURS: dict[str, Script] = {
+    "err": _quit_err,
+    "garbage": _quit_garbage,
+    "silent": silent,
+    "hang-up": _quit_hang_up,
+}
+
+
+def bad_quit(kind: str) -> Script:
+    """A well-behaved server (greeting, CAPA) whose QUIT reply is QUIT_BEHAVIOURS[kind]."""
+
+    async def script(conn: FakeConnection) -> None:
+        await serve(conn, on_quit=QUIT_BEHAVIOURS[kind])
+
+    return script

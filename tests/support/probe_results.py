@@ -6,8 +6,12 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 from pop3_exporter.result import (
+    REGISTERED_CAPABILITIES,
+    Capabilities,
     CertFacts,
+    DeliveryFacts,
     FailureReason,
+    MailboxFacts,
     Phase,
     ProbeResult,
     TLSFacts,
@@ -58,15 +62,23 @@ _cert = st.builds(
     subject_alternative_names=st.lists(_text, max_size=4).map(tuple),
     not_before=_floats,
     not_after=_floats,
+    key_algorithm=st.sampled_from(["rsa", "ec", "ed25519", "ed448", "dsa", "unknown"]) | _text,
+    key_bits=st.none() | st.integers(0, 2**20),
+    signature_algorithm=st.sampled_from(["sha256WithRSAEncryption", "ED25519"]) | _text,
 )
-_tls = st.builds(
+_short_chain = st.lists(_cert, max_size=3)
+tls_facts = st.builds(
     TLSFacts,
     verification_enabled=st.booleans(),
     verified=st.booleans(),
     verify_error=st.none() | _text,
     version=st.none() | st.sampled_from(["TLS 1.2", "TLS 1.3"]) | _text,
     cipher=st.none() | _text,
-    presented_chain=st.lists(_cert, max_size=3).map(tuple),
+    # One chain in eight is longer than the cap of per-certificate series
+    # (metrics.MAX_CHAIN_CERTS); more would make every example slow to build.
+    presented_chain=st.integers(0, 7)
+    .flatmap(lambda n: st.lists(_cert, min_size=11, max_size=11) if n == 0 else _short_chain)
+    .map(tuple),
     verified_chain=st.lists(_cert, max_size=3).map(tuple),
 )
 probe_results = st.builds(
@@ -86,7 +98,33 @@ probe_results = st.builds(
     greeting=st.none() | _text,
     greeting_seconds=st.none() | _floats,
     greeting_match=st.booleans(),
-    capabilities=st.lists(_text, max_size=12).map(tuple),
+    capabilities=st.none()
+    | st.builds(
+        Capabilities,
+        names=st.lists(st.sampled_from(REGISTERED_CAPABILITIES), unique=True).map(tuple),
+        unregistered=st.integers(0, 300),
+        sasl_mechanisms=st.lists(_text, max_size=4).map(tuple),
+        login_delay_seconds=st.none() | st.integers(0, 10**9),
+    ),
     plaintext_auth_exposed=st.none() | st.booleans(),
-    tls=st.none() | _tls,
+    login_success=st.none() | st.booleans(),
+    mailbox=st.none()
+    | st.builds(
+        MailboxFacts,
+        messages=st.integers(0, 10**15),
+        size_bytes=st.integers(0, 10**15),
+        oldest_message_timestamp=st.none() | _floats,
+    ),
+    delivery=st.none()
+    | st.builds(
+        DeliveryFacts,
+        success=st.booleans(),
+        seconds=st.none() | _floats,
+        late_messages=st.integers(0, 10**6),
+        cleanup_failures=st.integers(0, 10**6),
+    ),
+    tls=st.none() | tls_facts,
+    legacy_tls_versions=st.lists(
+        st.tuples(st.sampled_from(["TLS 1.0", "TLS 1.1"]) | _text, st.booleans()), max_size=2
+    ).map(tuple),
 )
