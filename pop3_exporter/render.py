@@ -272,8 +272,9 @@ def canned_families() -> list[list[ProbeFamily]]:
         plaintext_auth_exposed=None,
         tls=None,
     )
+    # Never exported, hence none of the exporter's name prefixes.
     odd = ProbeFamily(
-        "pop3_exporter_render_check",
+        "render_self_check",
         'HELP with a back\\slash, a "quote" and a\nnewline',
         labels=["zeta", "alpha", "mid"],
     )
@@ -283,7 +284,7 @@ def canned_families() -> list[list[ProbeFamily]]:
         list(ProbeCollector(success, TLSMode.STARTTLS).families()),
         list(ProbeCollector(expired, TLSMode.IMPLICIT).families()),
         list(ProbeCollector(unresolved, TLSMode.NONE).families()),
-        [odd, ProbeFamily("pop3_exporter_render_check_empty", "No samples.", labels=["x"])],
+        [odd, ProbeFamily("render_self_check_empty", "No samples.", labels=["x"])],
     ]
 
 
