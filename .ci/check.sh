@@ -24,15 +24,16 @@ echo "floor pass: $(tr '\n' ' ' <.venv-floor/floors.txt)"
 .venv-floor/bin/ruff format --check -q .
 .venv-floor/bin/mypy --python-executable .venv/bin/python --cache-dir .venv-floor/mypy-cache \
     --strict pop3_exporter
-# Not the tests marked slow, prometheus or dovecot: load and soak runs, Prometheus and
-# Alertmanager end to end, and the many dialogues with a real Dovecot call the
-# dependencies (aiohttp's server and client, the encoders, cryptography's certificate
-# parsing) exactly as the quick tests with fake servers do, only at length, and they
-# take most of the time. The mailpath tests stay: they alone drive aiosmtplib against
-# a real SMTP server. Every floor raised so far was caught by what is left.
+# Not the tests marked slow, prometheus, browser or dovecot: load and soak runs,
+# Prometheus and Alertmanager end to end, the landing page in Chromium, and the many
+# dialogues with a real Dovecot call the dependencies (aiohttp's server and client, the
+# encoders, cryptography's certificate parsing) exactly as the quick tests with fake
+# servers do, only at length, and they take most of the time. The mailpath tests stay:
+# they alone drive aiosmtplib against a real SMTP server. Every floor raised so far
+# was caught by what is left.
 status=0
-.venv-floor/bin/python -m pytest -m "not slow and not prometheus and (mailpath or not dovecot)" "$@" ||
-    status=$?
+floor_tests="not slow and not prometheus and not browser and (mailpath or not dovecot)"
+.venv-floor/bin/python -m pytest -m "$floor_tests" "$@" || status=$?
 # 5: the arguments chose only tests that the floor pass leaves out.
 if ((status == 5)); then
     exit 0

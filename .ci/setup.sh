@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 
 # nsd, unbound, bind9-utils: the DNS tests' authoritative server, validating resolver
 # and zone signing (tests/support/dns.py). postfix, dovecot-lmtpd: the mail path of the
-# delivery tests (tests/support/mailpath.py).
+# delivery tests (tests/support/mailpath.py). chromium: the headless browser that loads
+# the landing page (tests/test_history_browser.py, driven over the DevTools protocol).
 packages=(dovecot-pop3d prometheus prometheus-alertmanager prometheus-blackbox-exporter openssl python3-venv
-    nsd unbound bind9-utils postfix dovecot-lmtpd)
+    nsd unbound bind9-utils postfix dovecot-lmtpd chromium)
 missing=()
 installing_postfix=false
 for package in "${packages[@]}"; do

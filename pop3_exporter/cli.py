@@ -12,19 +12,23 @@ import ssl
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-from aiohttp import web
+from typing import TYPE_CHECKING
 
 from pop3_exporter import __version__
 from pop3_exporter.config import InvalidConfigError, parse_duration
 from pop3_exporter.errors import ConfigError
-from pop3_exporter.http import GATE_KEY, Prober, Settings, create_app
 from pop3_exporter.logs import LOG_FORMATS, LOG_LEVELS, fields, setup_logging
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.resolver import DNS_PORT, DnsResolver, ip_literal
 from pop3_exporter.runtime import ConfigHolder, load_runtime, log_problems, module_names
-from pop3_exporter.webconfig import BasicAuth, build_server_ssl_context, load_web_config
+from pop3_exporter.settings import Settings
+
+# The web server (aiohttp) is imported where it serves, not here: the probe command,
+# run once per check by Nagios and friends, starts in half the time without it.
+if TYPE_CHECKING:
+    from pop3_exporter.http import Prober
+    from pop3_exporter.webconfig import BasicAuth
 
 DEFAULT_LISTEN_ADDRESS = ":10110"
 # Longer than the default module timeout (10 s), so that a probe started just before
@@ -170,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         f" cancelled (default {SHUTDOWN_GRACE_SECONDS:g}s).",
     )
     parser.add_argument(
+        "--history.limit",
+        dest="history_limit",
+        type=non_negative_int,
+        default=Settings().history_limit,
+        metavar="N",
+        help="Probes the landing page lists, each with its debug report (0: no history;"
+        f" default {Settings().history_limit}). Memory stays under"
+        f" {Settings().history_max_bytes // 2**20} MiB however large N is.",
+    )
+    parser.add_argument(
         "--dns.server",
         dest="dns_server",
         type=parse_dns_server,
@@ -197,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
         " (0 valid, 1 invalid).",
     )
     parser.add_argument("--version", action="version", version=f"pop3_exporter {__version__}")
+    # Imported here: check.py builds on this module's flag types.
+    from pop3_exporter.check import add_probe_command
+
+    add_probe_command(parser)
     return parser
 
 
@@ -249,6 +267,10 @@ async def serve(
     """Serve until SIGTERM or SIGINT, then shut down gracefully: the listener closes at
     once, probes in flight get ``shutdown_grace`` seconds to finish (new probes on
     kept-alive connections get 503), the rest are cancelled."""
+    from aiohttp import web
+
+    from pop3_exporter.http import GATE_KEY, create_app
+
     host, port = parse_listen_address(listen_address)
     app = create_app(holder, settings=settings, auth=auth, prober=prober)
     runner = web.AppRunner(
@@ -289,6 +311,8 @@ async def serve(
 
 
 def check_web_config(path: str) -> None:
+    from pop3_exporter.webconfig import build_server_ssl_context, load_web_config
+
     """Raise ConfigError if the web config or a file it names does not load."""
     web_config = load_web_config(path)
     if web_config.tls_server_config is not None:
@@ -308,8 +332,23 @@ def warn_about_file_limit(max_concurrent_probes: int) -> None:
         )
 
 
+def run_command(args: argparse.Namespace, arguments: Sequence[str]) -> int:
+    """A subcommand (today only `probe`); the exporter's own flags do not apply to it."""
+    from pop3_exporter.check import State, Verdict, render, run_probe_command
+
+    if arguments[:1] != [args.command]:
+        # Flags before the command would be parsed as the server's and then ignored.
+        message = f"put {args.command} first: pop3_exporter {args.command} TARGET [FLAGS]"
+        sys.stdout.write(render(Verdict(State.UNKNOWN, message)))
+        return int(State.UNKNOWN)
+    return run_probe_command(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(arguments)
+    if args.command is not None:
+        return run_command(args, arguments)
     setup_logging(args.log_level, args.log_format)
     if args.config_check:
         return check_config(args.config_file, args.web_config_file, args.state_directory)
@@ -328,6 +367,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             extra=fields(file=args.config_file, errors=len(exc.problems)),
         )
         return 1
+    from pop3_exporter.webconfig import BasicAuth, build_server_ssl_context, load_web_config
+
     ssl_context: ssl.SSLContext | None = None
     auth: BasicAuth | None = None
     if args.web_config_file is not None:
@@ -349,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if ssl_context is None:
                 logger.warning("basic auth without TLS: passwords cross the network in clear")
     settings = Settings(
-        timeout_offset=args.timeout_offset, max_concurrent_probes=args.max_concurrent_probes
+        timeout_offset=args.timeout_offset,
+        max_concurrent_probes=args.max_concurrent_probes,
+        history_limit=args.history_limit,
     )
     warn_about_file_limit(settings.max_concurrent_probes)
     config = holder.runtime.config

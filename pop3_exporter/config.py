@@ -51,6 +51,24 @@ class IPProtocol(enum.StrEnum):
     IP6 = "ip6"
 
 
+class AddressSelection(enum.StrEnum):
+    """Which addresses of a name a probe connects to (the module key ``ip_protocol``)."""
+
+    # One: of preferred_ip_protocol, else (ip_protocol_fallback) of the other family.
+    PREFERRED = "preferred"
+    # Every A and AAAA address, concurrently (fanout.py).
+    ALL = "all"
+
+
+class DaneMode(enum.StrEnum):
+    """What the TLSA check (dane.py) does with its verdict."""
+
+    # Report the probe_tls_dane_* series; the probe does not fail for DANE.
+    CHECK = "check"
+    # Also fail the probe with dane_insecure or dane_mismatch.
+    REQUIRE = "require"
+
+
 TLS_VERSIONS: Mapping[str, ssl.TLSVersion] = MappingProxyType(
     {
         "TLS10": ssl.TLSVersion.TLSv1,
@@ -180,6 +198,11 @@ class Module:
     # Only with auth; None means the defaults (STAT after login).
     mailbox: MailboxConfig | None = None
     delivery: DeliveryConfig | None = None
+    # "all": probe every address of the name; preferred_ip_protocol and
+    # ip_protocol_fallback then have no effect.
+    ip_protocol: AddressSelection = AddressSelection.PREFERRED
+    # Unset: no TLSA lookup.
+    dane: DaneMode | None = None
 
     @property
     def uses_tls(self) -> bool:
@@ -871,6 +894,26 @@ def _finish_module(
 ) -> None:
     if "port" not in values and values.get("tls") is TLSMode.IMPLICIT:
         values["port"] = IMPLICIT_TLS_PORT
+    if "dane" in values and values.get("tls", TLSMode.NONE) is TLSMode.NONE:
+        source.note(
+            entries["dane"][1],
+            "DANE checks the certificate of a TLS handshake; use tls: starttls or implicit",
+            key=_join(where, "dane"),
+        )
+    if "delivery" in entries:
+        # A round trip sends a message per probe: one per address would flood the
+        # mailbox, and its polls are several sessions a DANE verdict would have to span.
+        for key, unsupported in (
+            ("ip_protocol", values.get("ip_protocol") is AddressSelection.ALL),
+            ("dane", "dane" in values),
+        ):
+            if unsupported:
+                source.note(
+                    entries[key][1],
+                    "not supported in a delivery module; probe the same server with a"
+                    f" module without delivery for {key}",
+                    key=_join(where, key),
+                )
     auth: AuthConfig | None = values.get("auth")
     if auth is None:
         for key in ("mailbox", "delivery"):
@@ -931,6 +974,8 @@ MODULE_SECTION: Section[Module] = Section(
             "auth": AUTH_SECTION.key(),
             "mailbox": MAILBOX_SECTION.key(),
             "delivery": DELIVERY_SECTION.key(),
+            "ip_protocol": Key(_enum_choice(AddressSelection), _enum_value),
+            "dane": Key(_enum_choice(DaneMode), _enum_value),
         }
     ),
     finish=_finish_module,

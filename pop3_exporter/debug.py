@@ -30,8 +30,7 @@ def module_yaml(module: Module) -> str:
     return text + "".join(f"{note}\n" for note in notes)
 
 
-def _cert_lines(index: int, cert: CertFacts) -> list[str]:
-    now = time.time()
+def _cert_lines(index: int, cert: CertFacts, now: float) -> list[str]:
     days = (cert.not_after - now) / 86400
     return [
         f"  certificate {index}: subject={printable(cert.subject)}",
@@ -43,8 +42,14 @@ def _cert_lines(index: int, cert: CertFacts) -> list[str]:
     ]
 
 
-def debug_report(result: ProbeResult, module: Module, metrics_text: str) -> str:
-    started = time.time() - result.duration_seconds
+def debug_report(
+    result: ProbeResult, module: Module, metrics_text: str, *, finished: float | None = None
+) -> str:
+    """The report of one probe. ``finished`` is when the probe ended (unix seconds;
+    default now): a report rendered later from a kept result (the probe history) gives
+    the start time and the days to expiry as they were then."""
+    now = time.time() if finished is None else finished
+    started = now - result.duration_seconds
     outcome = (
         "success"
         if result.success
@@ -98,11 +103,11 @@ def debug_report(result: ProbeResult, module: Module, metrics_text: str) -> str:
             f"  presented chain ({plural(len(tls.presented_chain), 'certificate')}):",
         ]
         for index, cert in enumerate(tls.presented_chain):
-            lines += _cert_lines(index, cert)
+            lines += _cert_lines(index, cert, now)
         if tls.verified_chain:
             lines.append(f"  verified chain ({plural(len(tls.verified_chain), 'certificate')}):")
             for index, cert in enumerate(tls.verified_chain):
-                lines += _cert_lines(index, cert)
+                lines += _cert_lines(index, cert, now)
     lines += ["", f"Module {module.name}, as a configuration file:"]
     lines.append(module_yaml(module))
     lines += ["Metrics that would have been returned:", metrics_text]

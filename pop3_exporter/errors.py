@@ -106,6 +106,20 @@ class HostnameMismatchError(CertificateError):
     reason = FailureReason.TLS_HOSTNAME_MISMATCH
 
 
+class DaneInsecureError(ProbeError):
+    """dane: require, and no TLSA answer the resolver authenticated (unsigned zone,
+    failed lookup, validation failure, or no name to look up)."""
+
+    reason = FailureReason.DANE_INSECURE
+
+
+class DaneMismatchError(ProbeError):
+    """dane: require, and no authenticated TLSA record matches the presented chain
+    (or there is none): a client that enforces DANE refuses the server."""
+
+    reason = FailureReason.DANE_MISMATCH
+
+
 class AuthFailedError(ProbeError):
     """The server refused the credentials (-ERR, [AUTH], or no response code).
 

@@ -1,15 +1,19 @@
-"""The HTTP side: /probe, /metrics, /-/healthy, /-/reload and a landing page."""
+"""The HTTP side: /probe, /metrics, /-/healthy, /-/reload, and a landing page with the
+probe history and its reports (/probe/history/ID)."""
 
 from __future__ import annotations
 
+import base64
 import functools
+import hashlib
 import html
 import logging
 import math
 import re
 import ssl
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Protocol
 
@@ -21,12 +25,15 @@ from pop3_exporter.config import (
     MODULE_NAME_PATTERN,
     Config,
     Module,
-    TLSMode,
     format_duration,
 )
 from pop3_exporter.credentials import CredentialError
 from pop3_exporter.delivery import DeliveryRuntime
 from pop3_exporter.errors import TargetError
+from pop3_exporter.history import (
+    HistoryEntry,
+    ProbeHistory,
+)
 from pop3_exporter.logs import fields
 from pop3_exporter.metrics import (
     ExporterMetrics,
@@ -39,14 +46,15 @@ from pop3_exporter.render import ProbeRenderer
 from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.runtime import ConfigHolder
+from pop3_exporter.selection import ModuleChoiceError, choose_module
+from pop3_exporter.settings import Settings
 from pop3_exporter.target import ProbeTarget, TargetSpec, parse_target
+from pop3_exporter.text import plural
 from pop3_exporter.webconfig import BasicAuth
 
 logger = logging.getLogger("pop3_exporter")
 
 SCRAPE_TIMEOUT_HEADER = "X-Prometheus-Scrape-Timeout-Seconds"
-# The module a bare pop3:// or pop3s:// target implies when no module is named.
-SCHEME_MODULES: Mapping[str, str] = MappingProxyType({"pop3": "pop3", "pop3s": "pop3s"})
 
 
 class Prober(Protocol):
@@ -66,16 +74,6 @@ class Prober(Protocol):
         address_check: AddressCheck | None = None,
         delivery: DeliveryRuntime | None = None,
     ) -> ProbeResult: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    timeout_offset: float = 0.5
-    # Probes allowed in flight at once (0: no limit). Each probe holds two file
-    # descriptors (the request's connection and the POP3 socket), so 500 stays well
-    # under the usual soft limit of 1024 descriptors, yet allows 50 new probes per
-    # second against targets that all run into a 10 s timeout.
-    max_concurrent_probes: int = 500
 
 
 class ProbeGate:
@@ -109,6 +107,7 @@ PROBER_KEY = web.AppKey("prober", Prober)
 METRICS_KEY = web.AppKey("metrics", ExporterMetrics)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 GATE_KEY = web.AppKey("gate", ProbeGate)
+HISTORY_KEY = web.AppKey("history", ProbeHistory)
 RENDERER_KEY = web.AppKey("renderer", ProbeRenderer)
 
 # The /probe parameters; any other parameter is refused (see handle_probe).
@@ -161,36 +160,11 @@ def _module_name(request: web.Request) -> str | None:
     return name
 
 
-def _known_modules(config: Config) -> str:
-    return ", ".join(sorted(config.modules))
-
-
 def _choose_module(config: Config, spec: TargetSpec, module_name: str | None) -> Module:
-    if module_name is None:
-        if spec.scheme is None:
-            raise BadRequest(
-                InvalidRequestReason.BAD_MODULE,
-                "parameter 'module' is required unless the target is a pop3:// or pop3s:// URL;"
-                f" known modules: {_known_modules(config)}",
-            )
-        module_name = SCHEME_MODULES[spec.scheme]
-    module = config.modules.get(module_name)
-    if module is None:
-        raise BadRequest(
-            InvalidRequestReason.UNKNOWN_MODULE,
-            f"unknown module {module_name!r}; known modules: {_known_modules(config)}",
-        )
-    if spec.scheme == "pop3s" and module.tls is not TLSMode.IMPLICIT:
-        raise BadRequest(
-            InvalidRequestReason.BAD_MODULE,
-            f"pop3s:// target needs a module with tls: implicit, not {module.name}",
-        )
-    if spec.scheme == "pop3" and module.tls is TLSMode.IMPLICIT:
-        raise BadRequest(
-            InvalidRequestReason.BAD_MODULE,
-            f"pop3:// target cannot use the implicit-TLS module {module.name}",
-        )
-    return module
+    try:
+        return choose_module(config, spec, module_name)
+    except ModuleChoiceError as exc:
+        raise BadRequest(exc.reason, str(exc)) from None
 
 
 def probe_timeout(module: Module, header: str | None, offset: float) -> float:
@@ -283,13 +257,16 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         )
     metrics.in_flight.inc()
+    history = app[HISTORY_KEY]
     try:
         result = await app[PROBER_KEY](
             target,
             module,
             timeout,
             ssl_context=runtime.ssl_contexts.get(module.name),
-            record_transcript=debug,
+            # The history renders each probe's report from its result when someone
+            # opens it, so every probe keeps its transcript while the history is on.
+            record_transcript=debug or history.enabled,
             delivery=runtime.deliveries.get(module.name),
             **extra,
         )
@@ -303,7 +280,9 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
     finally:
         metrics.in_flight.dec()
         gate.leave()
+    finished = time.time()
     metrics.record_probe(module.name, result)
+    history.add(result, module, finished)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "probe done",
@@ -316,16 +295,20 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
             ),
         )
     if debug:
-        from pop3_exporter.debug import debug_report
-
-        registry = probe_registry(result, module.tls)
-        text = debug_report(result, module, generate_latest(registry).decode())
-        return web.Response(text=text, content_type="text/plain")
+        return web.Response(text=_debug_report(result, module, finished), content_type="text/plain")
     # The same bytes as choose_encoder()'s encoder of probe_registry(), made cheaply.
     body, content_type = app[RENDERER_KEY].render(
         result, module.tls, request.headers.get("Accept", "")
     )
     return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def _debug_report(result: ProbeResult, module: Module, finished: float) -> str:
+    """The debug=true report; the history renders its entries' reports with this too."""
+    from pop3_exporter.debug import debug_report
+
+    registry = probe_registry(result, module.tls)
+    return debug_report(result, module, generate_latest(registry).decode(), finished=finished)
 
 
 def _invalid(metrics: ExporterMetrics, exc: BadRequest) -> web.Response:
@@ -375,6 +358,87 @@ def _module_options(config: Config) -> str:
     )
 
 
+# The landing page's only style. Its Content-Security-Policy allows exactly this text
+# and nothing else: no script at all, no other style, forms only to this server. Every
+# piece of text on the page is escaped besides; the policy is the second line of
+# defence should an escape ever be missed.
+INDEX_STYLE = (
+    "table{border-collapse:collapse}th,td{border:1px solid #aaa;padding:2px 6px;"
+    "text-align:left}.failure{color:#a00}"
+)
+
+
+def _style_source(style: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+    return f"'sha256-{digest}'"
+
+
+INDEX_HEADERS: Mapping[str, str] = MappingProxyType(
+    {
+        "Content-Security-Policy": f"default-src 'none'; style-src {_style_source(INDEX_STYLE)};"
+        " form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
+        "X-Content-Type-Options": "nosniff",
+    }
+)
+# A report is plain text (never sniffed as HTML); the sandbox gives it no origin and
+# no scripts even if a browser were to render it as something else.
+REPORT_HEADERS: Mapping[str, str] = MappingProxyType(
+    {
+        "Content-Security-Policy": "default-src 'none'; base-uri 'none'; form-action 'none';"
+        " frame-ancestors 'none'; sandbox",
+        "X-Content-Type-Options": "nosniff",
+    }
+)
+# Where a kept probe's debug report is served; ids count up from 1.
+HISTORY_PATH = "/probe/history/{id:[1-9][0-9]{0,17}}"
+
+
+def history_link(entry_id: int) -> str:
+    """The report's address relative to the landing page (which may sit behind a
+    reverse proxy under a path prefix)."""
+    return f"probe/history/{entry_id}"
+
+
+def _timestamp(seconds: float) -> str:
+    moment = datetime.fromtimestamp(seconds, UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+
+
+def _history_row(entry: HistoryEntry) -> str:
+    escape = html.escape
+    outcome = "<td>success</td>" if entry.success else '<td class="failure">failure</td>'
+    if entry.result is None:
+        report = "<td>not kept (over the size bound)</td>"
+    else:
+        report = f'<td><a href="{escape(history_link(entry.id))}">report</a></td>'
+    return (
+        f"<tr><td>{escape(_timestamp(entry.started))}</td><td>{escape(entry.target)}</td>"
+        f"<td>{escape(entry.module_name)}</td>{outcome}"
+        f"<td>{escape(entry.failure_reason or '')}</td>"
+        f"<td>{escape(entry.failure_detail or '')}</td>"
+        f"<td>{entry.duration_seconds * 1000:.1f} ms</td>{report}</tr>"
+    )
+
+
+def _history_section(history: ProbeHistory) -> str:
+    if not history.enabled:
+        return "<h2>Recent probes</h2>\n<p>The probe history is off (--history.limit 0).</p>"
+    entries = history.newest_first()
+    intro = (
+        f"<p>The last {plural(len(entries), 'probe')} of at most {history.limit}, newest first"
+        " (times in UTC); each report is the text of <code>debug=true</code>.</p>"
+    )
+    if not entries:
+        return f"<h2>Recent probes</h2>\n{intro}"
+    rows = "\n".join(_history_row(entry) for entry in entries)
+    return f"""<h2>Recent probes</h2>
+{intro}
+<table id="history"><tr><th>started</th><th>target</th><th>module</th><th>result</th>
+<th>failure reason</th><th>detail</th><th>duration</th><th>debug</th></tr>
+{rows}
+</table>"""
+
+
 async def handle_index(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG_KEY].runtime.config
     rows = "\n".join(
@@ -385,7 +449,8 @@ async def handle_index(request: web.Request) -> web.StreamResponse:
     # No port in the placeholder: a target without one gets the module's port (see the
     # table), so the example fits whichever module is selected.
     page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>POP3 Exporter</title></head>
+<html><head><meta charset="utf-8"><title>POP3 Exporter</title>
+<style>{INDEX_STYLE}</style></head>
 <body>
 <h1>POP3 Exporter {html.escape(__version__)}</h1>
 <form action="probe" method="get">
@@ -403,9 +468,32 @@ async def handle_index(request: web.Request) -> web.StreamResponse:
 <table><tr><th>name</th><th>tls</th><th>port</th><th>timeout</th></tr>
 {rows}
 </table>
+{_history_section(request.app[HISTORY_KEY])}
 </body></html>
 """
-    return web.Response(text=page, content_type="text/html")
+    return web.Response(text=page, content_type="text/html", headers=INDEX_HEADERS)
+
+
+async def handle_history_report(request: web.Request) -> web.StreamResponse:
+    """GET /probe/history/ID: the debug report of a probe the history keeps, as plain
+    text; 404 for an id it does not (never was, or dropped since)."""
+    history = request.app[HISTORY_KEY]
+    entry_id = int(request.match_info["id"])
+    entry = history.get(entry_id)
+    if entry is None:
+        return web.Response(
+            status=404,
+            text=f"probe {entry_id} is not in the history (it keeps the last"
+            f" {plural(history.limit, 'probe')})\n",
+        )
+    if entry.result is None:
+        return web.Response(
+            status=404,
+            text=f"the report of probe {entry_id} was not kept: its result was over the"
+            f" history's bound of {history.max_entry_bytes} bytes per probe\n",
+        )
+    text = _debug_report(entry.result, entry.module, entry.finished)
+    return web.Response(text=text, content_type="text/plain", headers=REPORT_HEADERS)
 
 
 def create_app(
@@ -428,6 +516,12 @@ def create_app(
     app[SETTINGS_KEY] = settings or Settings()
     gate = ProbeGate(app[SETTINGS_KEY].max_concurrent_probes)
     app[GATE_KEY] = gate
+    settings = app[SETTINGS_KEY]
+    app[HISTORY_KEY] = ProbeHistory(
+        settings.history_limit,
+        max_bytes=settings.history_max_bytes,
+        max_entry_bytes=settings.history_max_entry_bytes,
+    )
     # Its self-check against prometheus_client runs here, once per application.
     app[RENDERER_KEY] = renderer or ProbeRenderer()
 
@@ -446,6 +540,7 @@ def create_app(
         app.on_cleanup.append(close_auth)
     app.router.add_get("/", handle_index)
     app.router.add_get("/probe", handle_probe)
+    app.router.add_get(HISTORY_PATH, handle_history_report)
     app.router.add_get("/metrics", handle_metrics)
     app.router.add_get("/-/healthy", handle_healthy)
     app.router.add_post("/-/reload", handle_reload)

@@ -244,6 +244,8 @@ class ProbeCollector(Collector):
                 float(result.plaintext_auth_exposed),
             )
         yield from self._tls_metrics()
+        yield from _dane_families(result)
+        yield from _address_families(result)
 
     def _tls_metrics(self) -> Iterator[ProbeFamily]:
         result = self._result
@@ -384,6 +386,79 @@ def _info_gauge(name: str, documentation: str, label: str, value: str) -> ProbeF
     family = ProbeFamily(name, documentation, labels=[label])
     family.add_metric([sanitize_label(value, MAX_SHORT_LABEL_LENGTH)], 1.0)
     return family
+
+
+def _dane_families(result: ProbeResult) -> Iterator[ProbeFamily]:
+    """Modules with dane, once the TLSA lookup answered or failed (absent when it had not
+    answered by the end of the probe)."""
+    dane = result.dane
+    if dane is None:
+        return
+    yield _gauge(
+        "probe_tls_dane_records",
+        "TLSA records of the target (0 without an answer).",
+        float(dane.records),
+    )
+    yield _gauge(
+        "probe_tls_dane_secure",
+        "1 if the resolver authenticated the TLSA answer with DNSSEC (the AD bit).",
+        float(dane.secure),
+    )
+    if dane.match is not None:
+        yield _gauge(
+            "probe_tls_dane_match",
+            "1 if an authenticated TLSA record matches the presented certificates"
+            " (of every address, with ip_protocol: all).",
+            float(dane.match),
+        )
+
+
+_IP_PROTOCOL_LABELS = {4: "ip4", 6: "ip6"}
+
+
+def _address_families(result: ProbeResult) -> Iterator[ProbeFamily]:
+    """Modules with ip_protocol: all: one success and one duration series per address
+    probed, and a failure series only for a failing address, with its one reason (all
+    reasons for every address would multiply the series by the number of reasons; the
+    success series are what alerts watch, the reason is for the reader)."""
+    probed = result.addresses
+    if probed is None:
+        return
+    yield _gauge(
+        "probe_pop3_addresses_resolved",
+        "Distinct A and AAAA addresses the name resolved to.",
+        float(probed.resolved),
+    )
+    yield _gauge(
+        "probe_pop3_addresses_skipped",
+        "Addresses not probed because the name has more than the per-probe cap.",
+        float(probed.skipped),
+    )
+    labels = ["address", "ip_protocol"]
+    success = ProbeFamily(
+        "probe_pop3_address_success", "1 if the probe of this address succeeded.", labels=labels
+    )
+    duration = ProbeFamily(
+        "probe_pop3_address_duration_seconds",
+        "How long the probe of this address took, in seconds.",
+        labels=labels,
+    )
+    failure = ProbeFamily(
+        "probe_pop3_address_failure",
+        "1 with the reason the probe of this address failed; absent while it succeeds.",
+        labels=[*labels, "reason"],
+    )
+    for outcome in probed.outcomes:
+        address_labels = [outcome.address, _IP_PROTOCOL_LABELS[outcome.ip_protocol]]
+        success.add_metric(address_labels, float(outcome.success))
+        duration.add_metric(address_labels, outcome.duration_seconds)
+        if outcome.failure_reason is not None:
+            failure.add_metric([*address_labels, outcome.failure_reason.value], 1.0)
+    if success.samples:
+        yield success
+        yield duration
+    if failure.samples:
+        yield failure
 
 
 def probe_registry(result: ProbeResult, tls_mode: TLSMode) -> CollectorRegistry:

@@ -16,9 +16,17 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from pop3_exporter.config import IPProtocol, MailboxConfig, Module, TLSMode
+from pop3_exporter import dane, fanout
+from pop3_exporter.config import (
+    AddressSelection,
+    DaneMode,
+    IPProtocol,
+    MailboxConfig,
+    Module,
+    TLSMode,
+)
 from pop3_exporter.credentials import Secret
 from pop3_exporter.delivery import (
     DeliveryRuntime,
@@ -45,7 +53,9 @@ from pop3_exporter.protocol import Pop3Connection, decode_line
 from pop3_exporter.resolver import DnsResolver, Resolver
 from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
+    AddressesProbed,
     Capabilities,
+    DaneFacts,
     DeliveryFacts,
     FailureReason,
     MailboxFacts,
@@ -86,6 +96,8 @@ _TIMEOUT_REASONS = {
     Phase.RESOLVE: FailureReason.DNS_TIMEOUT,
     Phase.CONNECT: FailureReason.CONNECT_TIMEOUT,
     Phase.GREETING: FailureReason.GREETING_TIMEOUT,
+    # Waiting for the TLSA answer (dane: require): the resolver did not answer in time.
+    Phase.DANE: FailureReason.DNS_TIMEOUT,
     Phase.SMTP_CONNECT: FailureReason.SMTP_CONNECT_ERROR,
     Phase.SMTP_TLS: FailureReason.SMTP_TLS_ERROR,
 }
@@ -142,6 +154,9 @@ class _Recorder:
         self.late_messages = 0
         self.cleanup_failures = 0
         self.legacy_tls_versions: tuple[tuple[str, bool], ...] = ()
+        # Modules with dane: the TLSA lookup running beside the probe, and its verdict.
+        self.dane_lookup: dane.TLSALookup | None = None
+        self.dane: DaneFacts | None = None
 
     def begin(self, phase: Phase) -> None:
         self.end_phase()
@@ -228,6 +243,7 @@ class _Recorder:
             if module.delivery is not None
             else None,
             legacy_tls_versions=self.legacy_tls_versions,
+            dane=self.dane,
         )
 
 
@@ -280,48 +296,69 @@ async def probe_pop3(
     cert_cache: ChainFactsCache | None = None,
     delivery: DeliveryRuntime | None = None,
     legacy_contexts: LegacyContexts | None = None,
+    dane_lookup: dane.TLSALookup | None = None,
 ) -> ProbeResult:
     """Probe one POP3 server within `timeout_seconds` from now.
 
     The deadline covers everything but the final QUIT (resolution, connect, TLS, every
     read); when it fires, the phase that was running decides the failure reason.
+    ``dane_lookup`` is the TLSA lookup of a probe of every address, shared by the probes
+    of its addresses; a module with dane otherwise starts its own.
 
     A module that logs in reads its secret first (a token file at every probe):
     credentials.CredentialError escapes, since the exporter, not the target, is at fault.
     """
-    recorder = _Recorder(asyncio.get_running_loop(), timeout_seconds, record_transcript)
-    secret = module.auth.secret() if module.auth is not None else None
+    resolver = resolver or DnsResolver()
+    cert_cache = cert_cache or ChainFactsCache(size=0)
     if module.uses_tls and ssl_context is None:
         ssl_context = build_ssl_context(module.tls_config)
-    if module.delivery is not None:
-        if delivery is None:
-            raise ValueError(f"module {module.name} needs its DeliveryRuntime")
-        assert secret is not None  # a delivery module has auth (checked at load)
-        failure = await _round_trip(
-            recorder,
+    if module.ip_protocol is AddressSelection.ALL and module.delivery is None:
+        return await _probe_every_address(
             target,
             module,
-            resolver or DnsResolver(),
+            timeout_seconds,
+            resolver,
             ssl_context,
+            record_transcript,
             address_check,
-            secret,
-            delivery,
+            cert_cache,
+            legacy_contexts,
         )
-    else:
-        failure = await _probe(
-            recorder, target, module, resolver or DnsResolver(), ssl_context, address_check, secret
-        )
-    if recorder.address is not None and (failure is None or failure.phase is not Phase.CONNECT):
-        recorder.end_phase()  # the extra handshakes are no phase of the dialogue
-        recorder.legacy_tls_versions = await check_legacy_versions(
-            target,
-            module,
-            recorder.address,
-            recorder.deadline,
-            legacy_contexts or LegacyContexts(size=0),
-            note=recorder.note,
-        )
-    return recorder.result(target, module, failure, cert_cache or ChainFactsCache(size=0))
+    recorder = _Recorder(asyncio.get_running_loop(), timeout_seconds, record_transcript)
+    secret = module.auth.secret() if module.auth is not None else None
+    # Started before anything else so that the answer is usually in by the handshake.
+    own_lookup = dane_lookup is None and module.dane is not None
+    if own_lookup:
+        dane_lookup = _start_tlsa_lookup(target, module, resolver)
+    recorder.dane_lookup = dane_lookup
+    try:
+        if module.delivery is not None:
+            if delivery is None:
+                raise ValueError(f"module {module.name} needs its DeliveryRuntime")
+            assert secret is not None  # a delivery module has auth (checked at load)
+            failure = await _round_trip(
+                recorder, target, module, resolver, ssl_context, address_check, secret, delivery
+            )
+        else:
+            failure = await _probe(
+                recorder, target, module, resolver, ssl_context, address_check, secret
+            )
+        if recorder.address is not None and (failure is None or failure.phase is not Phase.CONNECT):
+            recorder.end_phase()  # the extra handshakes are no phase of the dialogue
+            recorder.legacy_tls_versions = await check_legacy_versions(
+                target,
+                module,
+                recorder.address,
+                recorder.deadline,
+                legacy_contexts or LegacyContexts(size=0),
+                note=recorder.note,
+            )
+        if dane_lookup is not None and recorder.dane is None:
+            await _dane_report(recorder, dane_lookup, module)
+    finally:
+        if own_lookup and dane_lookup is not None:
+            dane_lookup.cancel()
+    return recorder.result(target, module, failure, cert_cache)
 
 
 async def _probe(
@@ -551,6 +588,7 @@ async def _dialogue(
         assert ssl_context is not None
         recorder.begin(Phase.TLS)
         recorder.handshake = await conn.start_tls(ssl_context, server_name)
+        await _dane_required(recorder, module)
 
     recorder.begin(Phase.GREETING)
     greeting = decode_line(await conn.read_line())
@@ -585,11 +623,129 @@ async def _dialogue(
             raise StlsUnsupportedError(f"server refused STLS: {printable(reply.text[:80])!r}")
         recorder.begin(Phase.TLS)
         recorder.handshake = await conn.start_tls(ssl_context, server_name)
+        await _dane_required(recorder, module)
         if module.query_capabilities:
             # What the server offers inside TLS replaces what it said in the clear.
             recorder.begin(Phase.CAPA)
             lines = await _capa(conn)
             recorder.capabilities = parse_capabilities(lines) if lines is not None else None
+
+
+def _start_tlsa_lookup(target: ProbeTarget, module: Module, resolver: Resolver) -> dane.TLSALookup:
+    host = dane.base_host(target.host, target.is_ip_literal, module.tls_config.server_name)
+    return dane.TLSALookup.start(resolver, host, target.port)
+
+
+async def _dane_required(recorder: _Recorder, module: Module) -> None:
+    """dane: require decides right after the handshake, as a client that enforces DANE
+    would: raises DaneInsecureError or DaneMismatchError."""
+    lookup = recorder.dane_lookup
+    if lookup is None or module.dane is not DaneMode.REQUIRE:
+        return
+    recorder.begin(Phase.DANE)
+    outcome = await lookup.outcome()
+    recorder.dane = dane.evaluate(
+        lookup.name, outcome, recorder.handshake, _dane_names(lookup, module), dane.utc_now()
+    )
+    recorder.note("*", dane.describe(recorder.dane))
+    dane.enforce(recorder.dane)
+
+
+def _dane_names(lookup: dane.TLSALookup, module: Module) -> tuple[str, ...]:
+    return dane.reference_names(lookup.host, module.tls_config.server_name)
+
+
+async def _dane_report(recorder: _Recorder, lookup: dane.TLSALookup, module: Module) -> None:
+    """The verdict once the dialogue is over (dane: check, or a probe that ended before
+    its handshake). It never fails the probe: with a chain to compare, the answer is
+    awaited until the deadline; without one, it is taken only if it is already in."""
+    handshake = recorder.handshake
+    if not lookup.done():
+        if handshake is None or not handshake.presented_der:
+            return
+        recorder.begin(Phase.DANE)
+        try:
+            async with asyncio.timeout_at(recorder.deadline):
+                outcome = await lookup.outcome()
+        except TimeoutError:
+            recorder.note("*", f"TLSA {lookup.name}: no answer by the deadline")
+            return
+        finally:
+            recorder.end_phase()
+    else:
+        outcome = await lookup.outcome()
+    names = _dane_names(lookup, module)
+    recorder.dane = dane.evaluate(lookup.name, outcome, handshake, names, dane.utc_now())
+    recorder.note("*", dane.describe(recorder.dane))
+
+
+async def _probe_every_address(
+    target: ProbeTarget,
+    module: Module,
+    timeout_seconds: float,
+    resolver: Resolver,
+    ssl_context: ssl.SSLContext | None,
+    record_transcript: bool,
+    address_check: AddressCheck | None,
+    cert_cache: ChainFactsCache,
+    legacy_contexts: LegacyContexts | None,
+) -> ProbeResult:
+    """ip_protocol: all: resolve once, then probe every address (up to the cap) at once,
+    each as an IP-literal target with the name kept for TLS, within the one deadline;
+    fanout.merge makes one result of theirs. Every address passes ``address_check``
+    before any is connected to."""
+    recorder = _Recorder(asyncio.get_running_loop(), timeout_seconds, record_transcript)
+    lookup = _start_tlsa_lookup(target, module, resolver) if module.dane is not None else None
+    try:
+        try:
+            async with asyncio.timeout_at(recorder.deadline):
+                recorder.begin(Phase.RESOLVE)
+                if target.is_ip_literal:
+                    family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+                    answers = [(family, target.host)]
+                else:
+                    answers = await resolver.resolve(target.host)
+                    if not answers:
+                        raise ResolveError(f"{target.host!r} has no addresses")
+        except (ProbeError, TimeoutError) as exc:
+            failure = recorder.failure(exc)
+            result = recorder.result(target, module, failure, cert_cache)
+            return replace(result, addresses=AddressesProbed((), 0))
+        recorder.end_phase()
+        chosen, resolved = fanout.choose(answers)
+        recorder.note(
+            "*",
+            f"{target.host} has {resolved} addresses; probing "
+            + ", ".join(address for _, address in chosen),
+        )
+        if address_check is not None:
+            for _, address in chosen:
+                address_check(address, target.port)
+        single = fanout.single_address_module(module, target.host)
+
+        async def probe_address(address: str) -> ProbeResult:
+            return await probe_pop3(
+                ProbeTarget(address, target.port, is_ip_literal=True),
+                single,
+                recorder.deadline - recorder.loop.time(),
+                resolver=resolver,
+                ssl_context=ssl_context,
+                record_transcript=record_transcript,
+                address_check=address_check,
+                cert_cache=cert_cache,
+                legacy_contexts=legacy_contexts,
+                dane_lookup=lookup,
+            )
+
+        launched = recorder.loop.time() - recorder.start
+        results = await fanout.run_all([address for _, address in chosen], probe_address)
+        base = recorder.result(target, module, None, cert_cache)
+        return fanout.merge(
+            base, chosen, results, resolved, launched, recorder.loop.time() - recorder.start
+        )
+    finally:
+        if lookup is not None:
+            lookup.cancel()
 
 
 async def _session(

@@ -26,8 +26,11 @@ from prometheus_client.utils import floatToGoString
 from pop3_exporter.config import TLSMode
 from pop3_exporter.metrics import ProbeCollector, ProbeFamily, probe_registry
 from pop3_exporter.result import (
+    AddressesProbed,
+    AddressOutcome,
     Capabilities,
     CertFacts,
+    DaneFacts,
     DeliveryFacts,
     FailureReason,
     MailboxFacts,
@@ -229,6 +232,14 @@ def canned_families() -> list[list[ProbeFamily]]:
         mailbox=MailboxFacts(messages=3, size_bytes=12345, oldest_message_timestamp=1.7e9),
         delivery=DeliveryFacts(success=True, seconds=1.25, late_messages=0, cleanup_failures=2),
         legacy_tls_versions=(("TLS 1.0", False), ('TLS 1.1 "legacy"', True)),
+        dane=DaneFacts("_110._tcp.pop.example.com.", 2, True, True, "3 1 1"),
+        addresses=AddressesProbed(
+            outcomes=(
+                AddressOutcome("::1", 6, True, None, 0.01),
+                AddressOutcome("127.0.0.1", 4, False, FailureReason.CONNECT_REFUSED, math.nan),
+            ),
+            resolved=5,
+        ),
     )
     expired = ProbeResult(
         target="pop3s://mail.example.org",
@@ -251,6 +262,7 @@ def canned_families() -> list[list[ProbeFamily]]:
         tls=TLSFacts(True, False, "certificate has expired", "TLS 1.2", None, (leaf,), ()),
         login_success=False,
         delivery=DeliveryFacts(success=False, seconds=None, late_messages=7, cleanup_failures=0),
+        dane=DaneFacts("mail.example.org", 0, False, None, problem="SERVFAIL"),
     )
     unresolved = ProbeResult(
         target="nowhere.invalid",

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import dns.asyncresolver
 import dns.exception
@@ -51,6 +51,15 @@ DNS_PORT = 53
 class Resolver(Protocol):
     async def resolve(self, host: str) -> list[Address]:
         """Return (family, address) pairs in the resolver's order; raise ResolveError."""
+        ...
+
+
+@runtime_checkable
+class TLSAResolver(Protocol):
+    """A resolver that can also look up TLSA records for DANE (DnsResolver)."""
+
+    async def tlsa(self, name: str) -> TLSAAnswer:
+        """The records and whether the answer was authenticated; raise ResolveError."""
         ...
 
 

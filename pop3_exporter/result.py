@@ -12,6 +12,8 @@ class Phase(enum.StrEnum):
     RESOLVE = "resolve"
     CONNECT = "connect"
     TLS = "tls"
+    # Waiting for the TLSA answer after the handshake and matching it (dane: require).
+    DANE = "dane"
     GREETING = "greeting"
     CAPA = "capa"
     STLS = "stls"
@@ -43,6 +45,8 @@ class FailureReason(enum.StrEnum):
     TLS_CERT_EXPIRED = "tls_cert_expired"
     TLS_CERT_UNTRUSTED = "tls_cert_untrusted"
     TLS_HOSTNAME_MISMATCH = "tls_hostname_mismatch"
+    DANE_MISMATCH = "dane_mismatch"
+    DANE_INSECURE = "dane_insecure"
     AUTH_MECHANISM_UNSUPPORTED = "auth_mechanism_unsupported"
     AUTH_FAILED = "auth_failed"
     AUTH_UNAVAILABLE = "auth_unavailable"
@@ -171,6 +175,46 @@ class DeliveryFacts:
 
 
 @dataclass(frozen=True, slots=True)
+class DaneFacts:
+    """What the TLSA records of the target said about the presented chain."""
+
+    name: str  # the TLSA owner name asked, "_995._tcp.mail.example.", or the target
+    records: int  # TLSA records in the answer (0 when there was none, or no answer)
+    # The resolver set the AD bit: it validated the answer with DNSSEC.
+    secure: bool
+    # An authenticated, usable record matched; None when no certificate was presented
+    # to compare. With several addresses: every address that presented one matched.
+    match: bool | None
+    # The record that matched ("3 1 1"), for the debug output.
+    matched: str | None = None
+    # Why no answer could be used: the lookup failed, the target is an IP address.
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddressOutcome:
+    """How the probe of one address of the name went (module key ip_protocol: all)."""
+
+    address: str
+    ip_protocol: int  # 4 or 6
+    success: bool
+    failure_reason: FailureReason | None
+    duration_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AddressesProbed:
+    """Every address probed, in the resolver's order, and how many were left out."""
+
+    outcomes: tuple[AddressOutcome, ...]
+    resolved: int  # addresses the name had; those past the cap were not probed
+
+    @property
+    def skipped(self) -> int:
+        return self.resolved - len(self.outcomes)
+
+
+@dataclass(frozen=True, slots=True)
 class ProbeResult:
     """Everything the probe learned. Built once at the end of a probe, never mutated."""
 
@@ -203,3 +247,8 @@ class ProbeResult:
     # Extra handshakes limited to one legacy version ("TLS 1.0", accepted?), only
     # those that reached an answer; see legacytls.py.
     legacy_tls_versions: tuple[tuple[str, bool], ...] = field(default=())
+    # Modules with dane: what the TLSA records said; None when the lookup gave nothing
+    # by the end of the probe.
+    dane: DaneFacts | None = None
+    # Modules with ip_protocol: all; the other fields then describe the worst address.
+    addresses: AddressesProbed | None = None

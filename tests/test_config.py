@@ -412,6 +412,8 @@ modules:
     mailbox:
       stat: true
       oldest_message: true
+    ip_protocol: all
+    dane: require
 """
 
 

@@ -89,6 +89,8 @@ modules:
     mailbox:
       stat: true
       oldest_message: true
+    ip_protocol: all
+    dane: check
   odd_values:
     timeout: 1500ms
     expect_greeting: "^\\\\+OK \\"quoted\\" 'single' # not a comment: é"

@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from pop3_exporter.config import builtin_modules, parse_config
+from pop3_exporter.result import FailureReason
 from tests.support import prom
 from tests.support.prom import (
     DASHBOARD,
@@ -148,6 +149,38 @@ def test_issue_alert_catalogue_is_complete() -> None:
     } <= all_alert_names()
 
 
+def test_login_and_delivery_alert_catalogue_is_complete() -> None:
+    """The alerts issues 8 (login) and 9 (delivery) ask for."""
+    assert {
+        "Pop3LoginFailing",
+        "Pop3AuthBackendDown",
+        "Pop3MailboxBacklog",
+        "Pop3MailDeliveryFailing",
+        "Pop3MailDeliverySlow",
+        "Pop3MailDeliveryLate",
+    } <= all_alert_names()
+
+
+def test_mailbox_backlog_is_opt_in() -> None:
+    """No default backlog threshold: an ordinary mailbox never raises Pop3MailboxBacklog.
+    The thresholds file only shows, commented out, how to opt a mailbox in."""
+    text = (RULES_DIR / "pop3_thresholds.yml").read_text(encoding="utf-8")
+    records = {
+        rule["record"]
+        for group in load_yaml(RULES_DIR / "pop3_thresholds.yml")["groups"]
+        for rule in group["rules"]
+    }
+    assert not {r for r in records if r.startswith("pop3:mailbox_backlog")}
+    for record in (
+        "pop3:mailbox_backlog_threshold:messages",
+        "pop3:mailbox_backlog_threshold:seconds",
+    ):
+        assert f"# - record: {record}" in text
+    (backlog,) = [rule for _, rule in alerting_rules() if rule["alert"] == "Pop3MailboxBacklog"]
+    assert "pop3:mailbox_backlog_threshold:messages" in backlog["expr"]
+    assert "pop3:mailbox_backlog_threshold:seconds" in backlog["expr"]
+
+
 def test_thresholds_are_recording_rules_with_the_issue_defaults() -> None:
     rules = {
         rule["record"]: rule["expr"]
@@ -157,6 +190,7 @@ def test_thresholds_are_recording_rules_with_the_issue_defaults() -> None:
     assert rules["pop3:cert_expiry_warning_threshold:days"] == "vector(21)"
     assert rules["pop3:cert_expiry_critical_threshold:days"] == "vector(7)"
     assert rules["pop3:greeting_slow_threshold_default:seconds"].startswith("vector(")
+    assert rules["pop3:mail_delivery_slow_threshold_default:seconds"].startswith("vector(")
 
 
 def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
@@ -170,6 +204,18 @@ def test_every_alert_has_firing_and_quiet_unit_tests() -> None:
     assert not alerts - firing, f"alerts never tested firing: {sorted(alerts - firing)}"
     assert not alerts - quiet, f"alerts never tested staying quiet: {sorted(alerts - quiet)}"
     assert not (firing | quiet) - alerts, "unit tests name alerts that do not exist"
+
+
+def test_every_failure_reason_has_a_tested_cause() -> None:
+    """A new reason must be given its cause on purpose (the alert that pages for it),
+    not fall into "other" unnoticed: pop3_causes_test.yml has a row for each."""
+    test = load_yaml(RULES_DIR / "tests" / "pop3_causes_test.yml")["tests"][0]
+    tested = set()
+    for series in test["input_series"]:
+        match = re.search(r'reason="([a-z0-9_]+)"', series["series"])
+        assert match, series
+        tested.add(match.group(1))
+    assert tested == {reason.value for reason in FailureReason}
 
 
 def test_rule_test_files_load_the_deploy_rules() -> None:
@@ -228,6 +274,13 @@ def test_amtool_check_config() -> None:
         (["severity=critical", "alertname=Pop3Unreachable", "instance=pop:995"], "pop3-page"),
         (["severity=critical", "alertname=Pop3ProbesAbsent"], "pop3-page"),
         (["severity=warning", "alertname=Pop3GreetingSlow", "instance=pop:995"], "pop3-ticket"),
+        (["severity=critical", "alertname=Pop3LoginFailing", "instance=pop:995"], "pop3-page"),
+        (
+            ["severity=critical", "alertname=Pop3MailDeliveryFailing", "instance=pop:995"],
+            "pop3-page",
+        ),
+        (["severity=warning", "alertname=Pop3MailboxBacklog", "instance=pop:995"], "pop3-ticket"),
+        (["severity=warning", "alertname=Pop3MailboxInUse", "instance=pop:995"], "pop3-ticket"),
         (["alertname=SomethingElse"], "pop3-ticket"),
     ],
 )
@@ -466,6 +519,52 @@ def test_dashboard_covers_the_issue_topics() -> None:
     assert having("probe_tls_version_info")
     assert having("probe_pop3_capability")
     assert having("probe_pop3_plaintext_auth_exposed")
+
+
+def test_dashboard_has_login_and_delivery_rows() -> None:
+    """Issue 8's "Login and mailbox" row and issue 9's "Mail delivery" row, each with
+    its metrics (test_e2e_alerting.py and test_e2e_delivery.py prove they have data)."""
+    dashboard = load_dashboard()
+    rows = prom.panel_rows(dashboard)
+    by_row: dict[str, str] = {}
+    for panel in dashboard_panels(dashboard):
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        by_row[rows[panel["id"]]] = by_row.get(rows[panel["id"]], "") + " " + exprs
+    login = by_row["Login and mailbox"]
+    for needle in (
+        "probe_pop3_login_success",
+        'phase=~"login',
+        "probe_pop3_mailbox_messages",
+        "probe_pop3_mailbox_size_bytes",
+        "time() - min by (instance, module) (probe_pop3_mailbox_oldest_message_timestamp_seconds",
+    ):
+        assert needle in login, needle
+    delivery = by_row["Mail delivery"]
+    for needle in (
+        "probe_mail_delivery_seconds",
+        "avg by (instance, module, location) (avg_over_time(probe_mail_delivery_seconds",
+        "probe_mail_delivery_success",
+        "probe_mail_delivery_late_messages",
+        "probe_mail_delivery_cleanup_failures",
+    ):
+        assert needle in delivery, needle
+
+
+def test_panel_rows_follow_the_grid_not_the_array() -> None:
+    def panel(pid: int, y: int, x: int = 0, kind: str = "timeseries") -> dict[str, Any]:
+        return {"id": pid, "type": kind, "title": f"p{pid}", "gridPos": {"y": y, "x": x}}
+
+    dashboard = {
+        "panels": [
+            panel(5, 30),  # listed first, placed under row "B"
+            {**panel(1, 0, kind="row"), "title": "A"},
+            panel(2, 1, 12),
+            panel(3, 1, 0),
+            {**panel(4, 20, kind="row"), "title": "B"},
+            {**panel(6, 40, kind="row"), "title": "C", "panels": [panel(7, 41)]},
+        ]
+    }
+    assert prom.panel_rows(dashboard) == {2: "A", 3: "A", 5: "B", 7: "C"}
 
 
 def test_grafana_provisioning_matches_the_compose_mounts() -> None:

@@ -270,3 +270,9 @@ async def test_a_locked_mailbox_is_mailbox_in_use(
         reader.close()
     _assert(result, R.MAILBOX_IN_USE)
     assert "[IN-USE]" in (result.failure_detail or "")
+    # Dovecot waited for the lock before answering (a fixed 10 s in 2.3.19).
+    assert dict(result.phase_durations)[Phase.LOGIN] > 9.0
+    # Once the holder has left, the next probe gets in at once.
+    again = await _probe(dovecot_auth, module)
+    _assert(again, None)
+    assert dict(again.phase_durations)[Phase.LOGIN] < 2.0

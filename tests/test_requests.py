@@ -21,10 +21,11 @@ from aiohttp.test_utils import TestClient
 from yarl import URL
 
 from pop3_exporter.cli import warn_about_file_limit
-from pop3_exporter.http import Settings, create_app
+from pop3_exporter.http import create_app
 from pop3_exporter.logs import FIELDS_ATTRIBUTE
 from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.runtime import ConfigHolder
+from pop3_exporter.settings import Settings
 from tests.support.exporter import ExporterProcess
 from tests.support.exposition import labelled, parse_samples, value
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, dialogue

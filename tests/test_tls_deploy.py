@@ -13,7 +13,14 @@ from typing import Any
 
 from pop3_exporter.config import TLSMode, parse_config
 from pop3_exporter.metrics import ProbeCollector
-from pop3_exporter.result import CertFacts, FailureReason, Phase, ProbeResult, TLSFacts
+from pop3_exporter.result import (
+    CertFacts,
+    DaneFacts,
+    FailureReason,
+    Phase,
+    ProbeResult,
+    TLSFacts,
+)
 from tests.support.prom import DASHBOARD, REPO, RULES_DIR, dashboard_panels, load_yaml
 
 _METRIC = re.compile(r"\b(probe_tls_[a-z0-9_]+)")
@@ -53,6 +60,7 @@ def exported_tls_names() -> set[str]:
         plaintext_auth_exposed=None,
         tls=TLSFacts(True, False, "x", "TLS 1.3", "c", (cert,), ()),
         legacy_tls_versions=(("TLS 1.0", False), ("TLS 1.1", True)),
+        dane=DaneFacts("_995._tcp.pop.test.", records=1, secure=True, match=False),
     )
     families = ProbeCollector(result, TLSMode.IMPLICIT).families()
     return {family.name for family in families if family.name.startswith("probe_tls_")}
@@ -112,10 +120,14 @@ def test_dashboard_has_chain_timeline_key_and_legacy_panels() -> None:
 
 def test_docs_name_every_new_metric_option_and_alert() -> None:
     docs = (REPO / "docs" / "tls.md").read_text(encoding="utf-8")
+    # DANE's probe_tls_dane_* are described in dns.md, with the TLSA lookup.
     new_names = exported_tls_names() - {
         "probe_tls_valid",
         "probe_tls_version_info",
         "probe_tls_cipher_info",
+        "probe_tls_dane_records",
+        "probe_tls_dane_secure",
+        "probe_tls_dane_match",
     }
     assert len(new_names) == 6
     for name in (*new_names, "check_legacy_versions", "Pop3WeakCertificateKey"):

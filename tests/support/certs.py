@@ -12,6 +12,8 @@ certificate faults a POP3 probe must tell apart:
 ``wrong_host``             leaf for ``wrong-host.invalid`` only
 ``incomplete_chain``       leaf issued by the intermediate, served alone
 ``intermediate_expires_first`` intermediate ends (+5 d) before the leaf (+60 d)
+``expires_in_10_days``     leaf valid now, ends in 10 days (check: WARNING)
+``expires_in_3_days``      leaf valid now, ends in 3 days (check: CRITICAL)
 ========================== ==================================================
 
 :func:`make_chain` makes chains of three (leaf, intermediate, root, all presented)
@@ -49,6 +51,8 @@ VARIANTS: tuple[str, ...] = (
     "wrong_host",
     "incomplete_chain",
     "intermediate_expires_first",
+    "expires_in_10_days",
+    "expires_in_3_days",
 )
 
 # The names a probe of a loopback server may use; "good" leaves carry all three.
@@ -360,6 +364,23 @@ def make_pki(directory: Path) -> TestPKI:
             valid_from,
             now + timedelta(days=60),
             [short_intermediate],
+        ),
+        # Between the check command's default thresholds (21 and 7 days), and below both.
+        "expires_in_10_days": (
+            intermediate,
+            "localhost",
+            LOOPBACK_SANS,
+            valid_from,
+            now + timedelta(days=10),
+            [intermediate],
+        ),
+        "expires_in_3_days": (
+            intermediate,
+            "localhost",
+            LOOPBACK_SANS,
+            valid_from,
+            now + timedelta(days=3),
+            [intermediate],
         ),
     }
 

@@ -7,8 +7,11 @@ from hypothesis import strategies as st
 
 from pop3_exporter.result import (
     REGISTERED_CAPABILITIES,
+    AddressesProbed,
+    AddressOutcome,
     Capabilities,
     CertFacts,
+    DaneFacts,
     DeliveryFacts,
     FailureReason,
     MailboxFacts,
@@ -127,4 +130,33 @@ probe_results = st.builds(
     legacy_tls_versions=st.lists(
         st.tuples(st.sampled_from(["TLS 1.0", "TLS 1.1"]) | _text, st.booleans()), max_size=2
     ).map(tuple),
+    dane=st.none()
+    | st.builds(
+        DaneFacts,
+        name=_text,
+        records=st.integers(0, 1000),
+        secure=st.booleans(),
+        match=st.none() | st.booleans(),
+        matched=st.none() | _text,
+        problem=st.none() | _text,
+    ),
+    addresses=st.none()
+    | st.builds(
+        AddressesProbed,
+        # Addresses are unique per result (the prober dedups them); the text is hostile
+        # anyway, as the renderer must not trust it.
+        outcomes=st.lists(
+            st.builds(
+                AddressOutcome,
+                address=_text,
+                ip_protocol=st.sampled_from([4, 6]),
+                success=st.booleans(),
+                failure_reason=st.none() | st.sampled_from(FailureReason),
+                duration_seconds=_floats,
+            ),
+            max_size=4,
+            unique_by=lambda outcome: outcome.address,
+        ).map(tuple),
+        resolved=st.integers(0, 64),
+    ),
 )

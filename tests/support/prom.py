@@ -32,7 +32,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -296,10 +296,17 @@ class ExporterProcess(ManagedProcess):
 
     ready_path = "/-/healthy"
 
-    def __init__(self, workdir: Path, config_file: Path, name: str = "pop3_exporter") -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config_file: Path,
+        name: str = "pop3_exporter",
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self.name = name
         super().__init__(workdir)
         self.config_file = config_file
+        self.extra_args = tuple(extra_args)
 
     def command(self, port: int) -> list[str]:
         return [
@@ -310,6 +317,7 @@ class ExporterProcess(ManagedProcess):
             f"127.0.0.1:{port}",
             "--config.file",
             str(self.config_file),
+            *self.extra_args,
         ]
 
     @property
@@ -677,6 +685,33 @@ def dashboard_panels(dashboard: Mapping[str, Any]) -> list[dict[str, Any]]:
     return panels
 
 
+def panel_rows(dashboard: Mapping[str, Any]) -> dict[int, str]:
+    """{panel id: title of the row it is in} ("" above the first row).
+
+    A collapsed row holds its panels; the others own the panels below them up to
+    the next row, in Grafana's order (top to bottom, then left to right), whatever
+    the order of the JSON array.
+    """
+    rows: dict[int, str] = {}
+    placed: list[tuple[int, int, str, dict[str, Any]]] = []
+    for panel in dashboard.get("panels", []):
+        grid = panel.get("gridPos", {})
+        if panel.get("type") == "row":
+            for inner in panel.get("panels", []):
+                rows[inner["id"]] = panel["title"]
+            kind = "row"
+        else:
+            kind = "panel"
+        placed.append((int(grid.get("y", 0)), int(grid.get("x", 0)), kind, panel))
+    current = ""
+    for _, _, kind, panel in sorted(placed, key=lambda item: (item[0], item[1])):
+        if kind == "row":
+            current = panel["title"]
+        else:
+            rows[panel["id"]] = current
+    return rows
+
+
 def substitute_variables(expr: str, substitutions: Mapping[str, str] | None = None) -> str:
     """A panel expression with Grafana's variables replaced as Grafana would ("All")."""
     for name, value in sorted(
@@ -688,10 +723,21 @@ def substitute_variables(expr: str, substitutions: Mapping[str, str] | None = No
     return expr
 
 
-def dashboard_queries(dashboard: Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """(panel title, refId, expression with variables substituted) for every query."""
+def dashboard_queries(
+    dashboard: Mapping[str, Any],
+    *,
+    only_rows: Collection[str] | None = None,
+    skip_rows: Collection[str] = (),
+) -> list[tuple[str, str, str]]:
+    """(panel title, refId, expression with variables substituted) for every query,
+    or only for the panels in ``only_rows``, or for all but those in ``skip_rows``
+    (rows by title, see :func:`panel_rows`)."""
+    rows = panel_rows(dashboard)
     queries = []
     for panel in dashboard_panels(dashboard):
+        row = rows.get(panel["id"], "")
+        if (only_rows is not None and row not in only_rows) or row in skip_rows:
+            continue
         for target in panel.get("targets", []):
             if target.get("hide"):
                 continue
