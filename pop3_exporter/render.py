@@ -24,6 +24,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from pop3_exporter.config import TLSMode
+from pop3_exporter.logs import fields
 from pop3_exporter.metrics import ProbeCollector, ProbeFamily, probe_registry
 from pop3_exporter.result import (
     AddressesProbed,
@@ -345,7 +346,7 @@ class ProbeRenderer:
                 except Exception as exc:  # any failure of the fast path means: do not use it
                     logger.warning(
                         "fast /probe renderer failed its self-check; using prometheus_client",
-                        extra={"accept_header": accept, "error": repr(exc)},
+                        extra=fields(accept_header=accept, error=repr(exc)),
                     )
                     return False
                 if got != expected:
@@ -353,12 +354,12 @@ class ProbeRenderer:
                     logger.warning(
                         "fast /probe renderer differs from prometheus_client; using"
                         " prometheus_client",
-                        extra={
-                            "accept_header": accept,
-                            "line_number": line_number,
-                            "expected_line": expected_line,
-                            "rendered_line": got_line,
-                        },
+                        extra=fields(
+                            accept_header=accept,
+                            line_number=line_number,
+                            expected_line=expected_line,
+                            rendered_line=got_line,
+                        ),
                     )
                     return False
         return True

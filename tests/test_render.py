@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from typing import cast
+from typing import Any, cast
 
 import prometheus_client.exposition
 import prometheus_client.openmetrics.exposition
@@ -19,6 +19,7 @@ from prometheus_client.utils import floatToGoString
 import pop3_exporter.render
 from pop3_exporter.config import TLSMode
 from pop3_exporter.http import RENDERER_KEY, create_app
+from pop3_exporter.logs import FIELDS_ATTRIBUTE
 from pop3_exporter.metrics import ExporterMetrics, ProbeFamily, probe_registry
 from pop3_exporter.render import (
     SELF_CHECK_ACCEPT_HEADERS,
@@ -86,6 +87,13 @@ def test_canned_families_hold_what_the_check_is_for() -> None:
     assert len({families[0].name for families in canned_families()}) >= 2
 
 
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields of a log record (pop3_exporter.logs.fields)."""
+    values = getattr(record, FIELDS_ATTRIBUTE)
+    assert isinstance(values, dict)
+    return values
+
+
 def _broken_renderer(calls: list[bool]) -> Callable[[Iterable[ProbeFamily], bool], bytes]:
     """Writes "1" where prometheus_client writes "1.0": the kind of difference a
     future prometheus_client could bring the other way round."""
@@ -132,10 +140,10 @@ def test_a_renderer_that_differs_is_replaced_by_prometheus_client(
     [record] = caplog.records  # one warning, not one per format or per family list
     assert record.levelno == logging.WARNING
     # The first differing line is a field of its own, both ways.
-    assert record.expected_line.endswith(" 1.0")  # type: ignore[attr-defined]
-    assert record.rendered_line == record.expected_line[: -len(".0")]  # type: ignore[attr-defined]
-    assert record.line_number >= 3  # type: ignore[attr-defined]  # after HELP and TYPE
-    assert record.accept_header in SELF_CHECK_ACCEPT_HEADERS  # type: ignore[attr-defined]
+    assert _fields(record)["expected_line"].endswith(" 1.0")
+    assert _fields(record)["rendered_line"] == _fields(record)["expected_line"][: -len(".0")]
+    assert _fields(record)["line_number"] >= 3  # after HELP and TYPE
+    assert _fields(record)["accept_header"] in SELF_CHECK_ACCEPT_HEADERS
     assert "1.0" not in record.getMessage()
 
     calls.clear()
@@ -162,7 +170,7 @@ def test_a_renderer_that_raises_is_replaced_by_prometheus_client(
         renderer = ProbeRenderer(fast=explode)
     assert not renderer.fast
     [record] = caplog.records
-    assert "KeyError" in record.error  # type: ignore[attr-defined]
+    assert "KeyError" in _fields(record)["error"]
     result = _sample_result()
     body, _ = renderer.render(result, TLSMode.NONE, "")
     assert body == prometheus_client.exposition.generate_latest(
@@ -186,7 +194,7 @@ def test_a_changed_prometheus_client_is_followed(
         renderer = ProbeRenderer()
     assert not renderer.fast
     [record] = caplog.records
-    assert record.rendered_line.endswith(".0")  # type: ignore[attr-defined]
+    assert _fields(record)["rendered_line"].endswith(".0")
     result = _sample_result()
     for accept in ("", "application/openmetrics-text;version=1.0.0"):
         body, _ = renderer.render(result, TLSMode.IMPLICIT, accept)
