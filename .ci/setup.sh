@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs everything the test suite needs on Debian/Ubuntu (run as root or with sudo):
 # the real servers the tests start (Dovecot with POP3 and LMTP, Postfix, Prometheus,
-# Alertmanager, blackbox_exporter for the benchmark) and a virtualenv in .venv with the
-# package and its test tools.
+# Alertmanager, blackbox_exporter for the benchmark), a virtualenv in .venv with the
+# package and its test tools, and one in .venv-floor with the same at the lowest
+# versions pyproject.toml allows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,5 +72,30 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# A second virtualenv with every requirement of pyproject.toml at its floor, the lowest
+# version it allows (.ci/floors.py derives them); check.sh runs the tests in it again.
+# Kept while the floors stay the same; made anew when they change.
+floors=$(.venv/bin/python .ci/floors.py)
+if [[ ! -x .venv-floor/bin/python || "$(cat .venv-floor/floors.txt 2>/dev/null)" != "$floors" ]]; then
+    rm -rf .venv-floor
+    "$python" -m venv .venv-floor
+    printf '%s\n' "$floors" >.venv-floor/constraints.txt
+    .venv/bin/python .ci/floors.py --build >.venv-floor/build-requirements.txt
+    # The build backend at its floor too, hence no build isolation. The log is shown only
+    # on failure: old setuptools warns about editable installs at length.
+    if ! {
+        .venv-floor/bin/python -m pip install --upgrade pip &&
+            .venv-floor/bin/python -m pip install -r .venv-floor/build-requirements.txt &&
+            .venv-floor/bin/python -m pip install --no-build-isolation \
+                -c .venv-floor/constraints.txt -e '.[test]'
+    } >.venv-floor/install.log 2>&1; then
+        cat .venv-floor/install.log >&2
+        echo "could not install the floors of pyproject.toml into .venv-floor" >&2
+        exit 1
+    fi
+    # Written last: an install that failed half-way is not taken for a finished one.
+    printf '%s' "$floors" >.venv-floor/floors.txt
+fi
 echo "setup done: $(.venv/bin/python --version), dovecot $(dovecot --version 2>/dev/null | cut -d' ' -f1)," \
     "postfix $(/usr/sbin/postconf -d -h mail_version 2>/dev/null)"

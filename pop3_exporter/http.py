@@ -39,10 +39,10 @@ from pop3_exporter.metrics import (
     ExporterMetrics,
     InvalidRequestReason,
     probe_registry,
-    render_probe,
 )
 from pop3_exporter.policy import TargetRefusedError
 from pop3_exporter.prober import AddressCheck, Pop3Prober
+from pop3_exporter.render import ProbeRenderer
 from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import ProbeResult
 from pop3_exporter.runtime import ConfigHolder
@@ -108,6 +108,7 @@ METRICS_KEY = web.AppKey("metrics", ExporterMetrics)
 SETTINGS_KEY = web.AppKey("settings", Settings)
 GATE_KEY = web.AppKey("gate", ProbeGate)
 HISTORY_KEY = web.AppKey("history", ProbeHistory)
+RENDERER_KEY = web.AppKey("renderer", ProbeRenderer)
 
 # The /probe parameters; any other parameter is refused (see handle_probe).
 PROBE_PARAMETERS = frozenset({"target", "module", "debug"})
@@ -296,7 +297,9 @@ async def handle_probe(request: web.Request) -> web.StreamResponse:
     if debug:
         return web.Response(text=_debug_report(result, module, finished), content_type="text/plain")
     # The same bytes as choose_encoder()'s encoder of probe_registry(), made cheaply.
-    body, content_type = render_probe(result, module.tls, request.headers.get("Accept", ""))
+    body, content_type = app[RENDERER_KEY].render(
+        result, module.tls, request.headers.get("Accept", "")
+    )
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -499,6 +502,7 @@ def create_app(
     prober: Prober | None = None,
     settings: Settings | None = None,
     auth: BasicAuth | None = None,
+    renderer: ProbeRenderer | None = None,
 ) -> web.Application:
     """Application factory; everything it needs is passed in (no module globals).
 
@@ -518,6 +522,8 @@ def create_app(
         max_bytes=settings.history_max_bytes,
         max_entry_bytes=settings.history_max_entry_bytes,
     )
+    # Its self-check against prometheus_client runs here, once per application.
+    app[RENDERER_KEY] = renderer or ProbeRenderer()
 
     async def close_gate(app: web.Application) -> None:
         # on_shutdown runs once the listener is closed and before aiohttp waits for

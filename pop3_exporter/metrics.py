@@ -4,11 +4,8 @@ exporter's own metrics."""
 from __future__ import annotations
 
 import enum
-import functools
-import math
 import platform
-from collections.abc import Callable, Iterator, Sequence
-from typing import cast
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,10 +16,7 @@ from prometheus_client import (
     ProcessCollector,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import choose_encoder, generate_latest
-from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from pop3_exporter import __version__
 from pop3_exporter.config import TLSMode
@@ -62,8 +56,8 @@ class ProbeFamily:
     """One gauge family of a probe result, without prometheus_client's per-object cost.
 
     It has GaugeMetricFamily's constructor and add_metric(); to_metric() makes the real
-    GaugeMetricFamily (for registries and the debug page), and _render() writes the
-    same bytes as prometheus_client's encoders would, for /probe.
+    GaugeMetricFamily (for registries and the debug page), and render.render_families()
+    writes the same bytes as prometheus_client's encoders would, for /probe.
     """
 
     __slots__ = ("documentation", "labels", "name", "samples")
@@ -124,7 +118,7 @@ class ProbeCollector(Collector):
             yield family.to_metric()
 
     def families(self) -> Iterator[ProbeFamily]:
-        """The families as light objects; collect() and render_probe() both use them."""
+        """The families as light objects; collect() and the /probe renderer both use them."""
         result = self._result
         yield _gauge("probe_success", "Whether the probe succeeded.", float(result.success))
         yield _gauge(
@@ -465,92 +459,6 @@ def _address_families(result: ProbeResult) -> Iterator[ProbeFamily]:
         yield duration
     if failure.samples:
         yield failure
-
-
-def _escape_label_value(value: str) -> str:
-    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-def _value_text(value: float) -> str:
-    """floatToGoString(value), with the two values most samples have made cheap."""
-    if value == 1.0:
-        return "1.0"
-    if value == 0.0 and math.copysign(1.0, value) > 0:
-        return "0.0"
-    return _go_float(value)
-
-
-@functools.lru_cache(maxsize=256)
-def _family_header(name: str, documentation: str, open_metrics: bool) -> str:
-    help_text = documentation.replace("\\", r"\\").replace("\n", r"\n")
-    if open_metrics:
-        help_text = help_text.replace('"', r"\"")
-    return f"# HELP {name} {help_text}\n# TYPE {name} gauge\n"
-
-
-def _render(families: Iterator[ProbeFamily], open_metrics: bool) -> bytes:
-    """The exposition of gauge families, byte for byte as prometheus_client writes it
-    (generate_latest, or OpenMetrics' with the underscores or allow-utf-8 escaping),
-    for legacy-valid metric and label names; see render_probe."""
-    output: list[str] = []
-    append = output.append
-    for family in families:
-        name = family.name
-        append(_family_header(name, family.documentation, open_metrics))
-        label_names = family.labels
-        if not label_names:
-            for _, value in family.samples:
-                append(f"{name} {_value_text(value)}\n")
-        elif len(label_names) == 1:
-            prefix = f'{name}{{{label_names[0]}="'
-            for labels, value in family.samples:
-                append(f'{prefix}{_escape_label_value(labels[0])}"}} {_value_text(value)}\n')
-        else:
-            # Both encoders write labels sorted by name.
-            order = sorted(range(len(label_names)), key=label_names.__getitem__)
-            for labels, value in family.samples:
-                label_text = ",".join(
-                    f'{label_names[i]}="{_escape_label_value(labels[i])}"' for i in order
-                )
-                append(f"{name}{{{label_text}}} {_value_text(value)}\n")
-    if open_metrics:
-        append("# EOF\n")
-    return "".join(output).encode("utf-8")
-
-
-_FAST_ESCAPINGS = frozenset({openmetrics_exposition.UNDERSCORES, openmetrics_exposition.ALLOWUTF8})
-_go_float = cast(Callable[[float], str], floatToGoString)
-
-
-@functools.lru_cache(maxsize=64)
-def _choose_encoder(accept_header: str) -> tuple[Callable[..., bytes], str, bool | None]:
-    """choose_encoder(), plus whether _render can stand in for the encoder: False for
-    the text format, True for OpenMetrics, None when only the real encoder will do."""
-    encoder, content_type = choose_encoder(accept_header)
-    fast: bool | None = None
-    if encoder is generate_latest:
-        fast = False
-    elif (
-        isinstance(encoder, functools.partial)
-        and not encoder.args
-        and set(encoder.keywords) <= {"escaping", "version"}
-        and encoder.keywords.get("escaping", openmetrics_exposition.UNDERSCORES) in _FAST_ESCAPINGS
-    ):
-        if encoder.func is generate_latest:
-            fast = False
-        elif encoder.func is openmetrics_exposition.generate_latest:
-            fast = True
-    return encoder, content_type, fast
-
-
-def render_probe(result: ProbeResult, tls_mode: TLSMode, accept_header: str) -> tuple[bytes, str]:
-    """(body, content type) of a /probe reply: what the encoder choose_encoder() picks
-    for `accept_header` makes of probe_registry(result, tls_mode), without building the
-    registry and metric objects (they cost more than the rest of a plain probe)."""
-    encoder, content_type, open_metrics = _choose_encoder(accept_header)
-    if open_metrics is None:
-        return encoder(probe_registry(result, tls_mode)), content_type
-    return _render(ProbeCollector(result, tls_mode).families(), open_metrics), content_type
 
 
 def probe_registry(result: ProbeResult, tls_mode: TLSMode) -> CollectorRegistry:

@@ -30,7 +30,6 @@ from pop3_exporter.config import (
     parse_config,
 )
 from pop3_exporter.fanout import MAX_ADDRESSES, choose, merge_legacy, worst
-from pop3_exporter.metrics import render_probe
 from pop3_exporter.policy import RefusalReason, TargetRefusedError
 from pop3_exporter.prober import probe_pop3
 from pop3_exporter.resolver import DnsResolver
@@ -42,6 +41,7 @@ from tests.support.dns import SIGNED_ZONE, Testbed
 from tests.support.dovecot import DovecotServer, stop_servers
 from tests.support.exposition import Samples, labelled, parse_samples, promtool_check_metrics, value
 from tests.support.prom import DASHBOARD, dashboard_panels
+from tests.support.render import render_probe
 from tests.support.tlsa import chain_of, sha256, spki, tlsa
 
 pytestmark = pytest.mark.dovecot

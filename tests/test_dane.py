@@ -39,7 +39,6 @@ from pop3_exporter.dane import (
     subject_public_key_info,
     utc_now,
 )
-from pop3_exporter.metrics import render_probe
 from pop3_exporter.prober import probe_pop3
 from pop3_exporter.resolver import DnsResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
@@ -53,6 +52,7 @@ from tests.support.exporter import REPO, ExporterProcess
 from tests.support.exposition import Samples, parse_samples, promtool_check_metrics, value
 from tests.support.fakedns import FakeDnsServer
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, dialogue, server_ssl_context
+from tests.support.render import render_probe
 from tests.support.tlsa import chain_of, sha256, spki, tlsa
 
 pytestmark = pytest.mark.dovecot

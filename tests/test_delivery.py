@@ -28,13 +28,13 @@ from pop3_exporter.config import (
 from pop3_exporter.credentials import Mechanism, Secret
 from pop3_exporter.debug import debug_report
 from pop3_exporter.delivery import TOKEN_HEADER, DeliveryRuntime, Token, make_token
-from pop3_exporter.metrics import render_probe
 from pop3_exporter.prober import probe_pop3
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
 from tests.support.exposition import parse_samples, promtool_check_metrics
 from tests.support.mailpath import MailPath, MailUser, make_message
+from tests.support.render import render_probe
 
 pytestmark = pytest.mark.mailpath
 

@@ -21,7 +21,7 @@ from prometheus_client.samples import Sample
 
 from pop3_exporter.config import Module, TLSConfig, TLSMode
 from pop3_exporter.debug import debug_report
-from pop3_exporter.metrics import probe_registry, render_probe, sanitize_label
+from pop3_exporter.metrics import probe_registry, sanitize_label
 from pop3_exporter.prober import MAX_CAPA_LINES, QUIT_GRACE_SECONDS, probe_pop3
 from pop3_exporter.protocol import MAX_LINE_BYTES, MAX_REPLY_BYTES
 from pop3_exporter.resolver import StaticResolver
@@ -58,6 +58,7 @@ from tests.support.hostile import (
     stls_refused_quit_ignored,
     stls_with_injection,
 )
+from tests.support.render import render_probe
 
 # How far past its deadline a probe may end on a loaded machine.
 MARGIN = 0.5

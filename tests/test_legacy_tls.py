@@ -23,7 +23,7 @@ from pop3_exporter.config import Module, TLSConfig, TLSMode, parse_config
 from pop3_exporter.errors import ConfigError
 from pop3_exporter.http import create_app
 from pop3_exporter.legacytls import LEGACY_CIPHERS
-from pop3_exporter.metrics import ExporterMetrics, render_probe
+from pop3_exporter.metrics import ExporterMetrics
 from pop3_exporter.prober import Pop3Prober, probe_pop3
 from pop3_exporter.result import FailureReason
 from pop3_exporter.runtime import ConfigHolder
@@ -45,6 +45,7 @@ from tests.support.fakepop3 import (
     server_ssl_context,
     silent,
 )
+from tests.support.render import render_probe
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 

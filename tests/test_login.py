@@ -16,7 +16,6 @@ import pytest
 from pop3_exporter.config import AuthConfig, MailboxConfig, Module, TLSConfig, TLSMode
 from pop3_exporter.credentials import Mechanism, Secret
 from pop3_exporter.debug import debug_report
-from pop3_exporter.metrics import render_probe
 from pop3_exporter.prober import probe_pop3
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
@@ -25,6 +24,7 @@ from tests.support.certs import TestPKI
 from tests.support.exposition import Samples, parse_samples, promtool_check_metrics
 from tests.support.fakemail import FakeMailServer
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, server_ssl_context
+from tests.support.render import render_probe
 
 R = FailureReason
 TIMEOUT = 5.0

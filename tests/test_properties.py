@@ -31,7 +31,7 @@ from pop3_exporter.errors import (
     ProtocolError,
     TargetError,
 )
-from pop3_exporter.metrics import probe_registry, render_probe
+from pop3_exporter.metrics import probe_registry
 from pop3_exporter.prober import exposes_plaintext_auth, parse_capabilities, probe_pop3
 from pop3_exporter.protocol import Pop3Connection, Response, SocketStream, decode_line
 from pop3_exporter.result import REGISTERED_CAPABILITIES, FailureReason, ProbeResult
@@ -39,6 +39,7 @@ from pop3_exporter.target import MAX_TARGET_LENGTH, SCHEMES, ProbeTarget, Target
 from tests.support.certs import TestPKI, client_ssl_context
 from tests.support.fakepop3 import FakeConnection, FakePop3Server, server_ssl_context
 from tests.support.hostile import serve
+from tests.support.render import render_probe
 
 # A small cap, so that examples reach it often; the logic does not depend on its size.
 CAP = 16

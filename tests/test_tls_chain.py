@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pop3_exporter.config import TLSMode
 from pop3_exporter.http import create_app
-from pop3_exporter.metrics import MAX_CHAIN_CERTS, MAX_LABEL_LENGTH, ExporterMetrics, render_probe
+from pop3_exporter.metrics import MAX_CHAIN_CERTS, MAX_LABEL_LENGTH, ExporterMetrics
 from pop3_exporter.prober import Pop3Prober
 from pop3_exporter.result import CertFacts, FailureReason, Phase, ProbeResult, TLSFacts
 from pop3_exporter.runtime import ConfigHolder
@@ -37,6 +37,7 @@ from tests.support.certs import CHAIN_PLANS, ChainFiles, KeySpec, make_chain, ne
 from tests.support.dovecot import DovecotServer, stop_servers
 from tests.support.exposition import Samples, parse_samples, promtool_check_metrics, value
 from tests.support.probe_results import tls_facts
+from tests.support.render import render_probe
 
 ClientFactory = Callable[..., Awaitable[TestClient]]  # type: ignore[type-arg]
 
