@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy --strict pop3_exporter
+.venv/bin/mypy --strict pop3_exporter tests
 .venv/bin/python -m pytest "$@"
 
 [[ ${FLOORS:-1} == 0 ]] && exit 0

@@ -301,7 +301,9 @@ async def scan(
     for number, uid in listing:
         if uid in seen:
             continue
-        value = await _token_header(conn, number)
+        present, value = await _token_header(conn, number)
+        if not present:
+            continue  # expunged meanwhile, by another session (a concurrent probe)
         token = check_token(key, value, recipient) if value is not None else None
         if token is None:
             seen.add(uid)  # not ours: never looked at again, never deleted
@@ -313,11 +315,14 @@ async def scan(
     return found
 
 
-async def _token_header(conn: Pop3Connection, number: int) -> str | None:
-    """The X-Pop3-Exporter-Probe header of message `number` (TOP n 0), or None."""
+async def _token_header(conn: Pop3Connection, number: int) -> tuple[bool, str | None]:
+    """(whether message `number` is still there, its X-Pop3-Exporter-Probe header or
+    None), from TOP n 0. A message listed by UIDL can be gone by its TOP: another
+    session (a concurrent probe of the mailbox) deleted it, and Dovecot then answers
+    "-ERR Message 1 expunged"; the scan just skips it."""
     reply = await conn.command(f"TOP {number} 0")
     if not reply.ok:
-        raise MailboxError(f"TOP refused: {reply.text[:120]!r}")
+        return False, None
     value: bytearray | None = None
     prefix = TOKEN_HEADER.lower().encode() + b":"
     in_headers = True
@@ -334,7 +339,7 @@ async def _token_header(conn: Pop3Connection, number: int) -> str | None:
             in_token = value is None and line[: len(prefix)].lower() == prefix
             if in_token:
                 value = bytearray(line[len(prefix) :].strip()[:200])
-    return value.decode("ascii", errors="replace") if value is not None else None
+    return True, value.decode("ascii", errors="replace") if value is not None else None
 
 
 async def delete(conn: Pop3Connection, numbers: list[int]) -> int:

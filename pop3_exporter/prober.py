@@ -43,6 +43,7 @@ from pop3_exporter.delivery import (
 from pop3_exporter.errors import (
     GreetingError,
     GreetingMismatchError,
+    MailboxError,
     ProbeError,
     ResolveError,
     StlsUnsupportedError,
@@ -508,6 +509,10 @@ async def _poll(
     assert module.delivery is not None
     await _dialogue(recorder, conn, target, module, ssl_context)
     await _login(recorder, conn, target, module, secret)
+    capabilities = recorder.capabilities
+    if capabilities is not None and not {"TOP", "UIDL"} <= set(capabilities.names):
+        # Without them the probe could never see its message: say so, not a timeout.
+        raise MailboxError("the server does not offer TOP and UIDL, which delivery needs")
     recorder.begin(Phase.TOP)
     found = await scan(conn, key, module.delivery.to, probe_id, seen, wall_ms)
     if found.own is not None and recorder.accepted_at is not None:

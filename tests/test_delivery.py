@@ -27,12 +27,14 @@ from pop3_exporter.config import (
 )
 from pop3_exporter.credentials import Mechanism, Secret
 from pop3_exporter.debug import debug_report
-from pop3_exporter.delivery import TOKEN_HEADER, DeliveryRuntime, Token, make_token
+from pop3_exporter.delivery import TOKEN_HEADER, DeliveryRuntime, Token, make_token, scan
 from pop3_exporter.prober import probe_pop3
+from pop3_exporter.protocol import Pop3Connection
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
 from tests.support.exposition import parse_samples, promtool_check_metrics
+from tests.support.fakepop3 import FakeConnection, FakePop3Server
 from tests.support.mailpath import MailPath, MailUser, make_message
 from tests.support.render import render_probe
 
@@ -300,3 +302,32 @@ async def test_a_key_file_is_made_once_and_kept(tmp_path: Path) -> None:
     assert len(first) == 32 and oct(path.stat().st_mode & 0o777) == "0o600"
     assert load_key(path, create=True) == first  # never overwritten
     assert load_key(path, create=False) == first
+
+
+async def test_a_message_expunged_between_uidl_and_top_is_skipped() -> None:
+    """Two probes of one mailbox: one deletes its message while the other has it in its
+    UIDL listing; the other's TOP then gets -ERR, which is no failure of its own."""
+    key = secrets.token_bytes(32)
+    ours = make_token(key, Token("feedfacecafebeef", 1, 10**14), "loop@example.test")
+
+    async def script(conn: FakeConnection) -> None:
+        await conn.send_line("+OK ready")
+        replies = {
+            b"UIDL": "+OK\r\n1 uid-gone\r\n2 uid-ours\r\n.",
+            b"TOP 1 0": "-ERR Message 1 expunged.",
+            b"TOP 2 0": f"+OK\r\n{TOKEN_HEADER}: {ours}\r\n\r\n.",
+        }
+        for _ in range(10):
+            line = (await conn.readline()).strip()
+            if not line or line == b"QUIT":
+                return
+            await conn.send_line(replies.get(line, "-ERR unknown"))
+
+    async with FakePop3Server(script) as server:
+        conn = await Pop3Connection.connect("127.0.0.1", server.port)
+        async with conn:
+            await conn.read_line()
+            seen: set[str] = set()
+            found = await scan(conn, key, "loop@example.test", "feedfacecafebeef", seen, lambda: 0)
+    assert (found.own, found.late) == (2, [])
+    assert seen == set()  # the vanished one is not remembered as someone else's

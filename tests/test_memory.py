@@ -34,7 +34,6 @@ import aiohttp
 import pytest
 
 from pop3_exporter.errors import ProtocolError
-from pop3_exporter.settings import Settings
 from pop3_exporter.prober import MAX_TRANSCRIPT_BYTES, MAX_TRANSCRIPT_LINE_CHARS, _Recorder
 from pop3_exporter.protocol import (
     MAX_LINE_BYTES,
@@ -43,6 +42,7 @@ from pop3_exporter.protocol import (
     SocketStream,
     text_size,
 )
+from pop3_exporter.settings import Settings
 from pop3_exporter.tlsinfo import Handshake
 from tests.support.certs import TestPKI, client_ssl_context
 from tests.support.exporter import REPO, ExporterProcess
