@@ -376,9 +376,7 @@ async def _probe(
     try:
         try:
             async with asyncio.timeout_at(recorder.deadline):
-                address = await _resolve(recorder, target, module, resolver)
-                if address_check is not None:
-                    address_check(address, target.port)
+                address = await _resolve(recorder, target, module, resolver, address_check)
                 connection = await _connect(recorder, address, target, module)
                 await _dialogue(recorder, connection, target, module, ssl_context)
                 if secret is not None:
@@ -419,9 +417,7 @@ async def _round_trip(
     try:
         try:
             async with asyncio.timeout_at(recorder.deadline):
-                address = await _resolve(recorder, target, module, resolver)
-                if address_check is not None:
-                    address_check(address, target.port)
+                address = await _resolve(recorder, target, module, resolver, address_check)
                 smtp_address = await _resolve_smtp(recorder, module, resolver, runtime)
                 sent = time.time()
                 remaining = recorder.deadline - recorder.loop.time()
@@ -550,8 +546,13 @@ async def _connect(
 
 
 async def _resolve(
-    recorder: _Recorder, target: ProbeTarget, module: Module, resolver: Resolver
+    recorder: _Recorder,
+    target: ProbeTarget,
+    module: Module,
+    resolver: Resolver,
+    address_check: AddressCheck | None,
 ) -> str:
+    """The address to connect to, after the target policy's address rules passed it."""
     recorder.begin(Phase.RESOLVE)
     if target.is_ip_literal:
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
@@ -561,6 +562,8 @@ async def _resolve(
         recorder.note("*", f"resolved {target.host} to {address}")
     recorder.ip_protocol = 6 if family == socket.AF_INET6 else 4
     recorder.address = address
+    if address_check is not None:
+        address_check(address, target.port)
     return address
 
 
