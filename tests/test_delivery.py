@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import re
 import secrets
+import ssl
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from pop3_exporter.config import (
@@ -33,6 +37,8 @@ from pop3_exporter.protocol import Pop3Connection
 from pop3_exporter.resolver import StaticResolver
 from pop3_exporter.result import FailureReason, Phase, ProbeResult
 from pop3_exporter.target import ProbeTarget
+from tests.support.certs import TestPKI
+from tests.support.exporter import REPO, ExporterProcess
 from tests.support.exposition import parse_samples, promtool_check_metrics
 from tests.support.fakepop3 import FakeConnection, FakePop3Server
 from tests.support.mailpath import MailPath, MailUser, make_message
@@ -331,3 +337,98 @@ async def test_a_message_expunged_between_uidl_and_top_is_skipped() -> None:
             found = await scan(conn, key, "loop@example.test", "feedfacecafebeef", seen, lambda: 0)
     assert (found.own, found.late) == (2, [])
     assert seen == set()  # the vanished one is not remembered as someone else's
+
+
+@pytest.mark.parametrize("how", ["implicit TLS on the STARTTLS port", "untrusted certificate"])
+async def test_smtp_tls_failures_are_smtp_tls_error(
+    mailpath: MailPath, pki: TestPKI, how: str
+) -> None:
+    user = mailpath.new_user()
+    module = _module(mailpath, user, smtp_tls=TLSMode.IMPLICIT)  # plaintext greeting there
+    runtime = _runtime(mailpath)
+    if how == "untrusted certificate":
+        module = _module(mailpath, user)
+        # A client context that trusts the system store only, not the test CA.
+        runtime = replace(runtime, smtp_ssl_context=ssl.create_default_context())
+    result = await _probe(mailpath, module, runtime)
+    _check(result, R.SMTP_TLS_ERROR)
+    assert result.failed_phase is Phase.SMTP_TLS
+    assert Phase.SMTP_AUTH not in dict(result.phase_durations)  # no password was sent
+    assert mailpath.maildir_count(user) == 0
+
+
+async def test_no_smtp_or_pop3_password_in_any_output_of_a_real_exporter(
+    mailpath: MailPath, tmp_path: Path
+) -> None:
+    """The exporter as a process at debug level, a delivery module with the SMTP password
+    in its own file: probes (good, and with a wrong SMTP password), debug reports, the
+    landing page and its history reports, /metrics, --config.check: no password."""
+    user = mailpath.new_user()
+    pop3_password = tmp_path / "pop3.password"
+    pop3_password.write_text(user.password + "\n")
+    smtp_good = tmp_path / "smtp.password"
+    smtp_good.write_text(user.password + "\n")
+    smtp_wrong = tmp_path / "smtp-wrong.password"
+    smtp_wrong.write_text("wrong-smtp-secret-77\n")
+    for path in (pop3_password, smtp_good, smtp_wrong):
+        path.chmod(0o600)
+
+    def module(name: str, smtp_password: Path) -> str:
+        return f"""\
+  {name}:
+    tls: implicit
+    tls_config: {{ca_file: '{mailpath.ca_file}', server_name: localhost}}
+    auth: {{username: '{user.address}', password_file: '{pop3_password}'}}
+    delivery:
+      smtp:
+        address: '127.0.0.1:{mailpath.submission_port}'
+        tls_config: {{ca_file: '{mailpath.ca_file}', server_name: localhost}}
+        auth: {{username: '{user.address}', password_file: '{smtp_password}'}}
+      from: '{user.address}'
+      to: '{user.address}'
+      poll_interval: 200ms
+"""
+
+    config = tmp_path / "exporter.yml"
+    config.write_text("modules:\n" + module("good", smtp_good) + module("wrong", smtp_wrong))
+    state = ["--state.directory", str(tmp_path / "state")]
+    collected: list[str] = []
+    check = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "pop3_exporter", "--config.file", str(config), *state),
+        "--config.check",
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    async with asyncio.timeout(60):
+        output, _ = await check.communicate()
+    assert check.returncode == 0, output
+    collected.append(output.decode())
+    exporter = ExporterProcess(
+        tmp_path / "exporter.log", "--config.file", str(config), "--log.level", "debug", *state
+    )
+    with exporter:
+        async with aiohttp.ClientSession() as session:
+
+            async def get(path: str) -> str:
+                async with session.get(exporter.url + path) as response:
+                    assert response.status == 200, path
+                    return await response.text()
+
+            target = f"127.0.0.1:{mailpath.pop3s_port}"  # the path listens on IPv4 only
+            for name, ok in (("good", True), ("wrong", False)):
+                body = await get(f"/probe?target={target}&module={name}")
+                assert ("probe_mail_delivery_success 1.0" in body) is ok, body
+                collected += [body, await get(f"/probe?target={target}&module={name}&debug=true")]
+            page = await get("/")
+            collected.append(page)
+            for link in re.findall(r'href="(/probe/history/[0-9]+)"', page):
+                collected.append(await get(link))
+            collected.append(await get("/metrics"))
+    collected.append(exporter.log())
+    assert "probe done" in collected[-1]
+    everything = "\n".join(collected)
+    assert "smtp_auth_failed" in everything  # the wrong password really was refused
+    for secret in (user.password, "wrong-smtp-secret-77"):
+        assert secret not in everything
+    assert mailpath.maildir_count(user) == 0
