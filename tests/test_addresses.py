@@ -322,7 +322,7 @@ async def test_resolution_failure_and_ip_literal(
 
 def test_choose_interleaves_families_past_the_cap() -> None:
     answers = [(V6, f"2001:db8::{n:x}") for n in range(1, 4)] + [
-        (V4, f"192.0.2.{n}") for n in range(1, 10)
+        (V4, f"127.0.2.{n}") for n in range(1, 10)
     ]
     chosen, total = choose(answers, cap=6)
     assert total == 12
@@ -330,9 +330,9 @@ def test_choose_interleaves_families_past_the_cap() -> None:
         (V6, "2001:db8::1"),
         (V6, "2001:db8::2"),
         (V6, "2001:db8::3"),
-        (V4, "192.0.2.1"),
-        (V4, "192.0.2.2"),
-        (V4, "192.0.2.3"),
+        (V4, "127.0.2.1"),
+        (V4, "127.0.2.2"),
+        (V4, "127.0.2.3"),
     ]
     # Duplicates and other spellings of one address count once.
     same = [(V6, "::1"), (V6, "0::1"), (V4, "127.0.0.1"), (V4, "127.0.0.1")]

@@ -729,7 +729,7 @@ def _result(**changes: object) -> ProbeResult:
         phase_durations=(),
         dns_lookup_seconds=0.01,
         ip_protocol=4,
-        address="192.0.2.1",
+        address="127.0.0.1",
         greeting="+OK",
         greeting_seconds=0.00001,
         greeting_match=True,

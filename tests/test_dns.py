@@ -90,7 +90,7 @@ def test_dns_server_flag_values(text: str, expected: tuple[str, int]) -> None:
 @pytest.mark.parametrize(
     "text",
     ["", ":53", "127.0.0.1:", "127.0.0.1:0", "127.0.0.1:65536", "127.0.0.1:\uff15\uff13",
-     "dns.example:53", "localhost", "[::1]:x", "[::1", "1.2.3.4:53:53", "::1]:53"],
+     "dns.example:53", "localhost", "[::1]:x", "[::1", "127.0.0.9:53:53", "::1]:53"],
 )  # fmt: skip
 def test_dns_server_flag_rejects(text: str) -> None:
     with pytest.raises(argparse.ArgumentTypeError):
