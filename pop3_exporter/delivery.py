@@ -40,6 +40,7 @@ from pop3_exporter.errors import (
 )
 from pop3_exporter.protocol import Pop3Connection
 from pop3_exporter.result import Phase
+from pop3_exporter.session import read_header
 
 TOKEN_HEADER = "X-Pop3-Exporter-Probe"
 _TOKEN_VERSION = "v1"
@@ -323,22 +324,7 @@ async def _token_header(conn: Pop3Connection, number: int) -> tuple[bool, str | 
     reply = await conn.command(f"TOP {number} 0")
     if not reply.ok:
         return False, None
-    value: bytearray | None = None
-    prefix = TOKEN_HEADER.lower().encode() + b":"
-    in_headers = True
-    in_token = False
-    async for line in conn.multiline(MAX_HEADER_LINES):
-        if not in_headers:
-            continue
-        if not line:
-            in_headers = False
-        elif line[:1] in (b" ", b"\t"):  # a folded continuation (RFC 5322 2.2.3)
-            if in_token and value is not None and len(value) < 200:
-                value += b" " + line.strip()
-        else:
-            in_token = value is None and line[: len(prefix)].lower() == prefix
-            if in_token:
-                value = bytearray(line[len(prefix) :].strip()[:200])
+    value = await read_header(conn, TOKEN_HEADER, max_lines=MAX_HEADER_LINES, max_length=200)
     return True, value.decode("ascii", errors="replace") if value is not None else None
 
 

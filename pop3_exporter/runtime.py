@@ -96,7 +96,8 @@ def _build_deliveries(
             try:
                 context = build_ssl_context(smtp.tls_config)
             except ConfigError as exc:
-                problems.append(_problem(config, f"{where}.smtp.tls_config", str(exc)))
+                section = f"{where}.smtp.tls_config"
+                problems.append(_certificate_problem(config, section, smtp.tls_config, exc))
                 continue
         if delivery.secret_file is None and state_directory is None:
             message = "needs secret_file, or the exporter's --state.directory"
@@ -158,23 +159,21 @@ def _build_contexts(config: Config) -> tuple[dict[str, ssl.SSLContext], list[Con
                 built[tls_config] = exc
         context = built[tls_config]
         if isinstance(context, ConfigError):
-            problems.append(_certificate_problem(config, name, tls_config, context))
+            problems.append(
+                _certificate_problem(config, f"modules.{name}.tls_config", tls_config, context)
+            )
         else:
             contexts[name] = context
     return contexts, problems
 
 
 def _certificate_problem(
-    config: Config, module: str, tls_config: TLSConfig, exc: ConfigError
+    config: Config, section: str, tls_config: TLSConfig, exc: ConfigError
 ) -> ConfigProblem:
+    """The problem of a tls_config (key path `section`) whose files do not load, at the
+    key that names the file that fails."""
     key, message = diagnose_tls_files(tls_config)
-    section = f"modules.{module}.tls_config"
-    path = f"{section}.{key}" if key else section
-    line = next(
-        (config.lines[p] for p in (path, section, f"modules.{module}") if p in config.lines),
-        None,
-    )
-    return ConfigProblem(config.source, line, path, message or str(exc))
+    return _problem(config, f"{section}.{key}" if key else section, message or str(exc))
 
 
 def diagnose_tls_files(tls_config: TLSConfig) -> tuple[str, str]:

@@ -216,27 +216,36 @@ async def stat(conn: Pop3Connection) -> tuple[int, int]:
 
 async def oldest_message_date(conn: Pop3Connection) -> float | None:
     """The Date header of message 1 as unix seconds (TOP 1 0), or None when it is
-    missing, unparsable or far in the future. Reads the whole reply but keeps only
-    the Date header."""
+    missing, unparsable or far in the future."""
     reply = await conn.command("TOP 1 0")
     if not reply.ok:
         raise MailboxError(f"TOP refused: {reply.text[:120]!r}")
-    date: bytearray | None = None
-    in_date = False
+    date = await read_header(conn, "Date", max_lines=MAX_HEADER_LINES, max_length=1024)
+    return parse_date(date) if date is not None else None
+
+
+async def read_header(
+    conn: Pop3Connection, name: str, *, max_lines: int, max_length: int
+) -> bytes | None:
+    """After "+OK" to TOP n 0: read the reply to its end, keeping only the value of the
+    first `name` header, unfolded (RFC 5322 2.2.3) and cut at `max_length` bytes."""
+    prefix = name.lower().encode() + b":"
+    value: bytearray | None = None
     in_headers = True
-    async for line in conn.multiline(MAX_HEADER_LINES):
+    in_field = False
+    async for line in conn.multiline(max_lines):
         if not in_headers:
             continue  # TOP n 0 has no body lines, but a server may send some
         if not line:
             in_headers = False
-        elif line[:1] in (b" ", b"\t"):  # a folded continuation (RFC 5322 2.2.3)
-            if in_date and date is not None and len(date) < 1024:
-                date += b" " + line.strip()
+        elif line[:1] in (b" ", b"\t"):  # a folded continuation
+            if in_field and value is not None and len(value) < max_length:
+                value += b" " + line.strip()
         else:
-            in_date = line[:5].lower() == b"date:"
-            if in_date and date is None:
-                date = bytearray(line[5:].strip()[:1024])
-    return parse_date(bytes(date)) if date is not None else None
+            in_field = value is None and line[: len(prefix)].lower() == prefix
+            if in_field:
+                value = bytearray(line[len(prefix) :].strip())
+    return bytes(value[:max_length]) if value is not None else None
 
 
 def parse_date(value: bytes) -> float | None:

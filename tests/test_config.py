@@ -650,3 +650,28 @@ def test_a_delivery_smtp_server_the_policy_refuses_is_a_problem(
     _, problems = parse_config_partial(text, "loop.yml")
     (problem,) = problems
     assert str(problem).startswith("loop.yml:7: modules.loop.delivery.smtp.address: refused by")
+
+
+def test_a_smtp_ca_file_that_does_not_load_is_named_at_its_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("POP3_EXPORTER_TEST_PASSWORD", "never shown")
+    missing = tmp_path / "no-such-ca.pem"
+    path = tmp_path / "loop.yml"
+    path.write_text(
+        "modules:\n  loop:\n    tls: implicit\n"
+        "    auth: {username: u, password_env: POP3_EXPORTER_TEST_PASSWORD}\n"
+        "    delivery:\n"
+        "      smtp:\n"
+        "        address: 'smtp.example.com:587'\n"
+        f"        tls_config: {{ca_file: '{missing}'}}\n"
+        "      from: a@example.com\n      to: a@example.com\n"
+        f"      secret_file: {tmp_path / 'delivery.key'}\n"
+    )
+    with pytest.raises(InvalidConfigError) as raised:
+        load_runtime(str(path), tmp_path, create_keys=False)
+    (problem,) = raised.value.problems
+    assert str(problem).startswith(
+        f"{path}:8: modules.loop.delivery.smtp.tls_config.ca_file: cannot load certificates:"
+    )
+    assert str(missing) in str(problem)

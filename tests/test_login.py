@@ -334,6 +334,18 @@ async def test_folded_date_header_and_dot_stuffed_headers() -> None:
     assert samples[("probe_pop3_mailbox_oldest_message_timestamp_seconds", ())] == expected
 
 
+async def test_only_the_first_date_header_counts_with_its_own_folding() -> None:
+    message = (
+        b"Date: Sun, 1 Nov 2026 08:30:00 +0000\r\nDate: Mon, 2 Nov 2026\r\n 09:00:00 +0000\r\n"
+        b"\r\nbody\r\n"
+    )
+    server = FakeMailServer(messages=[message])
+    module = _module()
+    samples = _check(await _probe(server, module), None, module)
+    expected = datetime(2026, 11, 1, 8, 30, tzinfo=UTC).timestamp()
+    assert samples[("probe_pop3_mailbox_oldest_message_timestamp_seconds", ())] == expected
+
+
 async def test_an_empty_mailbox_sends_no_top() -> None:
     server = FakeMailServer()
     module = _module()
